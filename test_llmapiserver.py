@@ -35,6 +35,7 @@ KEY = "test-key-5b1f0e"
 GREEDY = {"temperature": 0, "seed": 7}
 #: SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>): banning them forces long output.
 NO_EOS = {"0": -100, "2": -100}
+N_CTX = 2048  # the main test server's context
 
 
 ###############################################################################
@@ -109,7 +110,7 @@ def model_path() -> str:
 
 @pytest.fixture(scope="session")
 def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", "512", "--max-queue", "8"]
+    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", str(N_CTX), "--max-queue", "8"]
     with running_server(tmp_path_factory.mktemp("text"), args) as proc:
         yield proc
 
@@ -456,7 +457,7 @@ def test_sdk_raises_bad_request_error(client: openai.OpenAI) -> None:
 # Context limits
 ###############################################################################
 
-LONG = "The quick brown fox jumps over the lazy dog. " * 120  # ~1,200 tokens, past n_ctx=512
+LONG = "The quick brown fox jumps over the lazy dog. " * 260  # ~2,600 tokens, past every test context
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -464,15 +465,16 @@ def test_prompt_past_the_context_is_400(client: openai.OpenAI, stream: bool) -> 
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": LONG}], stream=stream)
     assert info.value.body["code"] == "context_length_exceeded"
-    assert "512" in info.value.body["message"]
+    assert str(N_CTX) in info.value.body["message"]
 
 
 def test_generation_stops_at_the_end_of_the_context(client: openai.OpenAI) -> None:
-    prompt = "The quick brown fox jumps over the lazy dog. " * 42  # ~480 tokens of 512
+    prompt = "The quick brown fox jumps over the lazy dog. " * 199  # ~2,000 tokens of 2,048
     answer = client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt}],
                                             logit_bias=NO_EOS, **GREEDY)
     assert answer.choices[0].finish_reason == "length"
-    assert answer.usage.total_tokens == 512
+    assert 0 < answer.usage.completion_tokens < 100
+    assert answer.usage.total_tokens == N_CTX
 
 
 ###############################################################################
@@ -780,3 +782,132 @@ def test_validation_maps_openai_fields_to_llama_arguments() -> None:
     assert req.params["max_tokens"] == 20 and req.params["stop"] == ["END"] and req.params["top_k"] == 5
     assert req.params["temperature"] == 1.0 and req.params["top_p"] == 1.0
     assert req.params["seed"] == 0xFFFFFFFF and req.stream and req.include_usage
+
+
+###############################################################################
+# The fast path: the server's answers equal llama-cpp-python's own create_chat_completion
+###############################################################################
+
+
+@pytest.fixture(scope="session")
+def reference(model_path: str):
+    """Plain llama-cpp-python, its own tokenizer, the server's settings: the expected answers."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_threads=os.cpu_count(), flash_attn=True,
+                           verbose=False)
+
+
+def expected(reference, messages: list[dict], **kwargs) -> dict:
+    return reference.create_chat_completion(messages=messages, temperature=0, top_p=1.0, seed=7, **kwargs)
+
+
+def streamed_pieces(client: openai.OpenAI, messages: list[dict], **kwargs) -> tuple[list[str], str, object]:
+    chunks = list(client.chat.completions.create(model="x", messages=messages, stream=True, **GREEDY,
+                                                 stream_options={"include_usage": True}, **kwargs))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return pieces, finish[0], chunks[-1].usage
+
+
+SAME_AS_LLAMA = [
+    pytest.param("Name three colours.", {"max_tokens": 24}, id="plain"),
+    pytest.param("Tell me a long story about a dragon.", {"max_tokens": 40, "stop": [" the dragon", "castle"]},
+                 id="multi-token-stop"),
+    pytest.param("Write five emojis.", {"max_tokens": 30}, id="emoji-split-bytes"),
+    pytest.param("Translate 'good morning' into Chinese, Japanese and Russian.", {"max_tokens": 30}, id="cjk"),
+    pytest.param("Hi", {"max_tokens": 200}, id="natural-stop"),
+]
+
+
+@pytest.mark.parametrize("prompt, kwargs", SAME_AS_LLAMA)
+def test_answers_equal_llama_cpp_python(client: openai.OpenAI, reference, prompt: str, kwargs: dict) -> None:
+    messages = [{"role": "user", "content": prompt}]
+    want = expected(reference, messages, **kwargs)
+    got = client.chat.completions.create(model="x", messages=messages, **GREEDY, **kwargs)
+    assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+    assert got.choices[0].finish_reason == want["choices"][0]["finish_reason"]
+    assert got.usage.model_dump() == {**want["usage"], "completion_tokens_details": None,
+                                      "prompt_tokens_details": None}
+    pieces, finish, usage = streamed_pieces(client, messages, **kwargs)
+    assert "".join(pieces) == want["choices"][0]["message"]["content"]
+    assert not any("\ufffd" in piece for piece in pieces)  # never half a character in a chunk
+    assert finish == want["choices"][0]["finish_reason"]
+    assert usage.completion_tokens == want["usage"]["completion_tokens"]
+
+
+def test_long_output_counts_equal_llama_cpp_python(client: openai.OpenAI, reference) -> None:
+    messages = [{"role": "user", "content": "Write a very long essay about the history of ships."}]
+    want = expected(reference, messages, max_tokens=1500, logit_bias={k: float(v) for k, v in NO_EOS.items()})
+    pieces, finish, usage = streamed_pieces(client, messages, max_tokens=1500, logit_bias=NO_EOS)
+    assert usage.completion_tokens == want["usage"]["completion_tokens"] == 1500
+    assert finish == "length"
+    assert "".join(pieces) == want["choices"][0]["message"]["content"]
+
+
+def test_json_schema_answer_equals_llama_cpp_python(client: openai.OpenAI, reference) -> None:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
+              "required": ["city", "people"]}
+    messages = [{"role": "user", "content": "Describe Paris as JSON."}]
+    want = expected(reference, messages, max_tokens=40, grammar=LlamaGrammar.from_json_schema(json.dumps(schema),
+                                                                                             verbose=False))
+    got = client.chat.completions.create(model="x", messages=messages, max_tokens=40, **GREEDY,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "city", "schema": schema}})
+    assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+
+
+def test_piece_cache_tokenizer_equals_llama_tokenizer(model_path: str) -> None:
+    import llama_cpp
+    from llama_cpp.llama_tokenizer import LlamaTokenizer
+
+    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    plain, cached = LlamaTokenizer(vocab), las.PieceCacheTokenizer(vocab)
+    rng = np.random.default_rng(1)
+    text = "Grüße, 日本語 and 🙂🎉 — naïve café".encode()
+    split = vocab.tokenize(text, add_bos=False)  # tokens that cut multi-byte characters
+    for _ in range(300):
+        tokens = [int(t) for t in rng.integers(0, vocab.n_vocab(), size=int(rng.integers(0, 40)))]
+        if rng.random() < 0.3:
+            tokens = [vocab.token_bos(), *tokens]
+        tokens += split[: int(rng.integers(0, len(split)))]
+        for special in (False, True):
+            assert cached.detokenize(tokens, special=special) == plain.detokenize(tokens, special=special)
+
+
+def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: Path) -> None:
+    from llama_cpp.llama_tokenizer import LlamaTokenizer
+
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf")
+    llm = las.load_model(las.load_settings(["--mmproj-path", str(mmproj), "--n-ctx", "512"], {}))
+    req = las.validate_chat_request({"messages": image_message(data_url(png_bytes(32, 32))), "max_tokens": 20,
+                                     "temperature": 0}, las.Limits(vision=True))
+    fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
+    llm.tokenizer_ = LlamaTokenizer(llm)
+    slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
+    llm.close()
+    assert [c["choices"][0]["delta"] for c in fast] == [c["choices"][0]["delta"] for c in slow]
+
+
+def test_logprobs_equal_llama_cpp_python(model_path: str, tmp_path: Path) -> None:
+    import llama_cpp
+
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    ref = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=os.cpu_count(), flash_attn=True,
+                          logits_all=True, verbose=False)
+    want = expected(ref, messages, max_tokens=6, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"]
+    ref.close()
+    with running_server(tmp_path, ["--logprobs", "--n-ctx", "512"]) as proc:
+        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0)
+        got = client.chat.completions.create(model="x", messages=messages, max_tokens=6, logprobs=True,
+                                             top_logprobs=2, **GREEDY).choices[0].logprobs.content
+        streamed = [item for chunk in client.chat.completions.create(
+            model="x", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, stream=True, **GREEDY)
+            if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert len(got) == len(want) == 6
+    for item, other, wanted in zip(got, streamed, want):
+        assert item.token == other.token == wanted["token"]
+        assert item.logprob == pytest.approx(wanted["logprob"], abs=1e-3)
+        assert [t.token for t in item.top_logprobs] == [t["token"] for t in wanted["top_logprobs"]]
