@@ -26,16 +26,19 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import http.client
 import importlib.util
 import ipaddress
 import json
 import logging
-import math
 import os
+import signal
+import socket
 import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +114,9 @@ class Settings:
     max_images: int = _opt(8, "images per request")
     max_image_bytes: int = _opt(10 * 2**20, "decoded bytes per image")
     max_image_pixels: int = _opt(50_000_000, "width x height per image, read from its header")
+    allow_remote_images: bool = _opt(False, "fetch http(s) image URLs (public addresses only)")
+    remote_image_timeout: int = _opt(10, "seconds to connect and download one remote image")
+    shutdown_grace: int = _opt(10, "seconds running requests get to finish after SIGTERM/SIGINT")
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8000, "TCP port")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -190,7 +196,8 @@ def _resolve(s: Settings) -> Settings:
         _check_file("MMPROJ_PATH", s.mmproj_path)
     for name, low in (("n_ctx", 0), ("n_threads", 1), ("n_batch", 1), ("max_queue", 0),
                       ("max_body_bytes", 1024), ("max_images", 0), ("max_image_bytes", 1),
-                      ("max_image_pixels", 1), ("port", 0)):
+                      ("max_image_pixels", 1), ("remote_image_timeout", 1), ("shutdown_grace", 0),
+                      ("port", 0)):
         if getattr(s, name) < low:
             raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
     if s.port > 65535:
@@ -317,6 +324,7 @@ class Limits:
     max_images: int = 8
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 50_000_000
+    remote_images: bool = False
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -340,6 +348,15 @@ def _number(body: dict, name: str, low: float, high: float, *, integer: bool = F
     if not low <= value <= high:
         raise _bad(f"'{name}' must be between {low} and {high}, got {value}", name)
     return value
+
+
+def _check_utf8(text: str, where: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{where} is not valid Unicode (a lone surrogate)", where, "invalid_value") from None
+    return text
 
 
 def _flag(body: dict, name: str, param: str | None = None) -> bool:
@@ -416,6 +433,8 @@ def _validate_stop(stop: Any) -> list[str] | None:
         raise _bad(f"'stop' takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
     if any(s == "" for s in stops):
         raise _bad("'stop' sequences must not be empty", "stop")
+    for s in stops:
+        _check_utf8(s, "stop")
     return stops or None
 
 
@@ -476,7 +495,7 @@ def _validate_messages(messages: Any, limits: Limits) -> tuple[list[dict], int]:
 def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tuple[Any, int]:
     """The content llama.cpp gets: a string, or (vision, user) a list of text/image parts."""
     if isinstance(content, str):
-        return content, 0
+        return _check_utf8(content, where), 0
     if content is None and role == "assistant":
         return "", 0
     if not isinstance(content, list):
@@ -488,6 +507,7 @@ def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tu
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise _bad(f"{here}.text must be a string", f"{here}.text", "invalid_type")
+            _check_utf8(part["text"], f"{here}.text")
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             if not limits.vision:
@@ -509,9 +529,12 @@ def _validate_image_url(part: dict, where: str, limits: Limits) -> str:
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str):
         raise _bad(f"{where}.image_url.url must be a string", f"{where}.image_url.url", "invalid_type")
+    if limits.remote_images and url.startswith(("http://", "https://")):
+        return url  # fetched later, off the event loop, by fetch_remote_images()
     if not url.startswith("data:"):
-        raise _bad("Only data: image URLs (data:image/png;base64,...) are accepted; "
-                   "this server does not fetch remote images", f"{where}.image_url.url", "invalid_image_url")
+        remote = " or http(s) URLs" if limits.remote_images else " (this server does not fetch URLs)"
+        raise _bad(f"Images must be data: URLs (data:image/png;base64,...){remote}",
+                   f"{where}.image_url.url", "invalid_image_url")
     data = decode_data_url(url, f"{where}.image_url.url", limits.max_image_bytes)
     check_image(data, f"{where}.image_url.url", limits.max_image_pixels)
     return url
@@ -588,6 +611,97 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return width, height
         i += 2 + length
     return None
+
+
+###############################################################################
+# Remote images ###############################################################
+###############################################################################
+
+MAX_REDIRECTS = 3
+
+
+def is_public_address(ip: str) -> bool:
+    """Globally routable unicast only: never loopback, private, link-local, multicast or reserved."""
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address that was already checked; the certificate is still checked for the name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _checked_address(host: str, port: int, allowed: Callable[[str], bool]) -> str:
+    addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    if not addresses or not all(allowed(address) for address in addresses):
+        raise ValueError(f"{host} resolves to an address that is not public")
+    return addresses[0]  # connect to this very address: a second lookup could answer otherwise
+
+
+def fetch_image(url: str, timeout: float, max_bytes: int,
+                allowed: Callable[[str], bool] = is_public_address) -> bytes:
+    """GET an http(s) image, checking every hop's address, its size, type and total time."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("only http and https URLs are fetched")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _checked_address(parts.hostname, port, allowed)
+        left = max(deadline - time.monotonic(), 0.001)
+        conn = (_PinnedHTTPSConnection(parts.hostname, port, address, left) if parts.scheme == "https"
+                else http.client.HTTPConnection(address, port, timeout=left))
+        try:
+            conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                         headers={"Host": parts.netloc.rpartition("@")[2], "Accept": "image/*"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise ValueError(f"the server answered HTTP {response.status}")
+            if not (response.getheader("Content-Type") or "").startswith("image/"):
+                raise ValueError("the response is not an image (Content-Type)")
+            return _read_capped(response, max_bytes, deadline)
+        finally:
+            conn.close()
+    raise ValueError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _read_capped(response: http.client.HTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    data = bytearray()
+    while piece := response.read1(65536):
+        data += piece
+        if len(data) > max_bytes:
+            raise ValueError(f"the image is larger than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise ValueError("the download took too long")
+    return bytes(data)
+
+
+def fetch_remote_images(messages: list[dict], limits: Limits, timeout: float) -> None:
+    """Replace each http(s) image URL by the checked image's data: URL (blocking: run in a thread)."""
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message["content"] if isinstance(message["content"], list) else []):
+            url = part.get("image_url", {}).get("url", "")
+            if not url.startswith(("http://", "https://")):
+                continue
+            where = f"messages[{i}].content[{j}].image_url.url"
+            try:
+                data = fetch_image(url, timeout, limits.max_image_bytes)
+            except (ValueError, OSError, http.client.HTTPException) as exc:
+                raise _bad(f"The image could not be fetched: {exc}", where, "invalid_image_url") from None
+            check_image(data, where, limits.max_image_pixels)
+            part["image_url"]["url"] = "data:image/fetched;base64," + base64.b64encode(data).decode()
 
 
 ###############################################################################
@@ -743,6 +857,17 @@ class Gate:
 _END = object()
 
 
+class Shutdown:
+    """When the server began to stop: running requests may go on until `deadline`, then get a 503."""
+
+    deadline: float | None = None
+
+    def begin(self, grace: float) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + grace
+            log.info("shutting down: running requests get %.0f s to finish", grace)
+
+
 @dataclass
 class Stats:
     """What the request log line reports about one generation."""
@@ -763,8 +888,9 @@ class Generation:
     """
 
     def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats,
-                 worker: concurrent.futures.Executor) -> None:
+                 worker: concurrent.futures.Executor, shutdown: Shutdown) -> None:
         self._llm, self._kwargs, self._release, self.stats = llm, kwargs, release, stats
+        self._shutdown = shutdown
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -796,8 +922,16 @@ class Generation:
                 self._loop.call_soon_threadsafe(self._release)
 
     async def next(self) -> dict | None:
-        """The next chunk; None at the end. Raises what the worker raised."""
-        item = await self._queue.get()
+        """The next chunk; None at the end. Raises what the worker raised, or 503 past shutdown."""
+        deadline = self._shutdown.deadline
+        if deadline is None:
+            item = await self._queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                raise APIError(503, "The server is shutting down; the answer was cut short",
+                               code="server_shutting_down") from None
         if item is _END:
             return None
         if isinstance(item, BaseException):
@@ -1006,13 +1140,15 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_chat_request(body, state.limits)
+    if state.limits.remote_images and req.images:
+        await asyncio.to_thread(fetch_remote_images, req.messages, state.limits, state.settings.remote_image_timeout)
     kwargs = completion_kwargs(req, state.settings.model_name)
     n_ctx = state.llm.n_ctx()
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await unless_disconnected(state.gate.acquire(), disconnected, lambda _: state.gate.release())
         stats = request.state.stats = Stats()
-        generation = Generation(state.llm, kwargs, state.gate.release, stats, state.worker)
+        generation = Generation(state.llm, kwargs, state.gate.release, stats, state.worker, state.shutdown)
         try:
             first = await unless_disconnected(generation.next(), disconnected)
             if first is None:
@@ -1024,7 +1160,9 @@ async def chat_completions(request: Request) -> Response:
             raise as_api_error(exc, n_ctx) from None
         if req.stream:
             disconnected.cancel()  # from here sse-starlette watches for the client leaving
-            return EventSourceResponse(sse_events(generation, first, req.include_usage, n_ctx), ping=15)
+            # sse-starlette cuts open streams at shutdown; give ours the grace period and a second to say why.
+            return EventSourceResponse(sse_events(generation, first, req.include_usage, n_ctx), ping=15,
+                                       shutdown_grace_period=state.settings.shutdown_grace + 1)
         answer = await unless_disconnected(collect(generation, first), disconnected)
         return JSONResponse(answer)
     except ClientDisconnected:
@@ -1070,7 +1208,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return APIError(500, "Internal server error; see the server log", code="internal_error").response()
 
 
-def create_app(settings: Settings | None = None, llm: ServedLlama | None = None) -> ASGIApp:
+def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
+               shutdown: Shutdown | None = None) -> ASGIApp:
     """The ASGI app. Without settings it reads env vars and loads the model at startup."""
 
     @contextlib.asynccontextmanager
@@ -1087,8 +1226,9 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None)
         app.state.limits = Limits(
             vision=settings.vision, logprobs=settings.logprobs, n_vocab=llm.n_vocab(),
             max_images=settings.max_images, max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
+            max_image_pixels=settings.max_image_pixels, remote_images=settings.allow_remote_images,
         )
+        app.state.shutdown = shutdown or Shutdown()
         auth.configure(settings.api_keys)
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
                  settings.host, settings.port, "on" if settings.api_keys else "off")
@@ -1097,6 +1237,7 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None)
         finally:
             app.state.worker.shutdown(wait=True, cancel_futures=True)
             llm.close()  # frees llama.cpp memory now, not in a __del__ at interpreter exit
+            log.info("model unloaded")
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -1118,6 +1259,31 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, but SIGTERM/SIGINT start our grace period, and a clean stop exits 0.
+
+    uvicorn re-raises the signal after its own graceful shutdown, so the process would die with
+    -15 or -2 however cleanly it stopped; here a server that stopped as asked returns normally.
+    """
+
+    def __init__(self, config: uvicorn.Config, shutdown: Shutdown, grace: float) -> None:
+        super().__init__(config)
+        self._shutdown, self._grace = shutdown, grace
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._shutdown.begin(self._grace)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1127,8 +1293,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmapiserver: error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings, llm), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    shutdown = Shutdown()
+    config = uvicorn.Config(create_app(settings, llm, shutdown), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_grace + 2)
+    _Server(config, shutdown, settings.shutdown_grace).run()
     return 0
 
 

@@ -383,6 +383,9 @@ USER = [{"role": "user", "content": "Hi"}]
 
 BAD_REQUESTS = [
     pytest.param(b"{not json", None, id="invalid-json"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content", id="lone-surrogate"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\udfff"}', "stop",
+                 id="lone-surrogate-stop"),
     pytest.param(b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None, id="nan"),
     pytest.param([1, 2], None, id="body-not-object"),
     pytest.param({}, "messages", id="messages-missing"),
@@ -911,3 +914,272 @@ def test_logprobs_equal_llama_cpp_python(model_path: str, tmp_path: Path) -> Non
         assert item.token == other.token == wanted["token"]
         assert item.logprob == pytest.approx(wanted["logprob"], abs=1e-3)
         assert [t.token for t in item.top_logprobs] == [t["token"] for t in wanted["top_logprobs"]]
+
+
+###############################################################################
+# Hardening: limits
+###############################################################################
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--max-body-bytes", "4096"]) as proc:
+        big = {"messages": [{"role": "user", "content": "x" * 10_000}]}
+        response = httpx.post(proc.base_url + "/v1/chat/completions", json=big)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while streaming in
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(100):
+                yield b"y" * 1000
+            yield b'"}]}'
+
+        response = httpx.post(proc.base_url + "/v1/chat/completions", content=chunks())
+        assert response.status_code == 413
+        assert httpx.post(proc.base_url + "/v1/chat/completions", json=ask(max_tokens=2)).status_code == 200
+
+
+IMAGE_LIMITS = [
+    pytest.param([data_url(png_bytes(8, 8))] * 3, "too_many_images", id="too-many-images"),
+    pytest.param([data_url(png_bytes(8, 8) + bytes(30_000))], "image_too_large", id="too-many-bytes"),
+    pytest.param([data_url(png_bytes(1, 1)[:16] + struct.pack(">II", 60000, 60000) + png_bytes(1, 1)[24:])],
+                 "image_too_large", id="pixel-bomb-header"),
+]
+
+
+@pytest.mark.parametrize("urls, code", IMAGE_LIMITS)
+def test_image_limits_are_400(model_path: str, tmp_path: Path, urls: list[str], code: str) -> None:
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf")
+    args = ["--mmproj-path", str(mmproj), "--max-images", "2", "--max-image-bytes", "20000",
+            "--max-image-pixels", "1000000"]
+    with running_server(tmp_path, args) as proc:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        response = httpx.post(proc.base_url + "/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+        assert response.status_code == 400 and response.json()["error"]["code"] == code
+
+
+###############################################################################
+# Hardening: remote images
+###############################################################################
+
+
+class ImageHandler:
+    """Routes of the local test image server."""
+
+    routes: dict[str, tuple[int, dict, bytes]] = {}
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, headers, body = ImageHandler.routes.get(self.path, (404, {}, b""))
+            if self.path == "/slow.png":
+                time.sleep(3)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    image = png_bytes(16, 16)
+    ImageHandler.routes = {
+        "/cat.png": (200, {"Content-Type": "image/png"}, image),
+        "/slow.png": (200, {"Content-Type": "image/png"}, image),
+        "/page.html": (200, {"Content-Type": "text/html"}, b"<html></html>"),
+        "/big.png": (200, {"Content-Type": "image/png"}, png_bytes(8, 8) + bytes(50_000)),
+        "/hop": (302, {"Location": "/cat.png"}, b""),
+        "/escape": (302, {"Location": f"http://127.0.0.2:{port}/cat.png"}, b""),
+    }
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def only_127_0_0_1(address: str) -> bool:
+    return address == "127.0.0.1"
+
+
+PUBLIC_ADDRESSES = [("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
+                    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+                    ("0.0.0.0", False), ("224.0.0.1", False), ("240.0.0.1", False), ("::1", False),
+                    ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False), ("ff02::1", False)]
+
+
+@pytest.mark.parametrize("address, public", PUBLIC_ADDRESSES)
+def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
+    assert las.is_public_address(address) is public
+
+
+def test_fetch_refuses_loopback_by_default(image_host: str) -> None:
+    with pytest.raises(ValueError, match="not public"):
+        las.fetch_image(image_host + "/cat.png", timeout=5, max_bytes=10**6)
+
+
+def test_fetch_works_for_an_allowed_host_and_follows_redirects(image_host: str) -> None:
+    assert las.fetch_image(image_host + "/cat.png", 5, 10**6, allowed=only_127_0_0_1) == png_bytes(16, 16)
+    assert las.fetch_image(image_host + "/hop", 5, 10**6, allowed=only_127_0_0_1) == png_bytes(16, 16)
+
+
+FETCH_FAILURES = [
+    pytest.param("/escape", "not public", id="redirect-to-refused-address"),
+    pytest.param("/page.html", "not an image", id="not-image-content-type"),
+    pytest.param("/big.png", "larger than", id="byte-cap"),
+    pytest.param("/slow.png", "timed out|took too long", id="timeout"),
+    pytest.param("/missing.png", "HTTP 404", id="not-found"),
+]
+
+
+@pytest.mark.parametrize("path, message", FETCH_FAILURES)
+def test_fetch_guards(image_host: str, path: str, message: str) -> None:
+    with pytest.raises((ValueError, OSError), match=message):
+        las.fetch_image(image_host + path, timeout=1, max_bytes=20_000, allowed=only_127_0_0_1)
+
+
+def test_fetch_refuses_other_schemes() -> None:
+    for url in ("file:///etc/passwd", "ftp://example.com/a.png", "gopher://x/"):
+        with pytest.raises(ValueError, match="only http and https"):
+            las.fetch_image(url, 1, 1000)
+
+
+def test_remote_images_through_the_server(model_path: str, tmp_path: Path, image_host: str) -> None:
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf")
+    with running_server(tmp_path, ["--mmproj-path", str(mmproj), "--allow-remote-images"]) as proc:
+        response = httpx.post(proc.base_url + "/v1/chat/completions", timeout=30,
+                              json={"messages": image_message(image_host + "/cat.png"), "max_tokens": 2})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "invalid_image_url" and "not public" in error["message"]
+        assert error["param"] == "messages[0].content[1].image_url.url"
+        file_url = httpx.post(proc.base_url + "/v1/chat/completions",
+                              json={"messages": image_message("file:///etc/passwd"), "max_tokens": 2})
+        assert file_url.status_code == 400
+
+
+###############################################################################
+# Hardening: hostile input (property-based)
+###############################################################################
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+                    max_leaves=20)
+ODD = (st.text(alphabet=st.characters(codec="utf-8"), max_size=30) | st.integers(min_value=-10**30, max_value=10**30)
+       | st.floats(allow_nan=False) | st.just([]) | st.just({}) | st.booleans() | st.none() | JSON)
+FIELDS = ["messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream", "n",
+          "stream_options", "logit_bias", "response_format", "seed", "top_k", "min_p", "presence_penalty",
+          "logprobs", "top_logprobs", "frequency_penalty", "repeat_penalty", "tools"]
+
+
+@st.composite
+def near_valid_body(draw) -> dict:
+    """A valid short request with one field replaced by something odd (often still valid)."""
+    body = {"messages": [{"role": "user", "content": draw(st.text(max_size=40))}], "max_tokens": 1}
+    field = draw(st.sampled_from(FIELDS))
+    body[field] = draw(ODD)
+    if field in ("max_tokens", "max_completion_tokens") and isinstance(body[field], int) and body[field] > 1:
+        body[field] = -1  # a large valid limit would only make the test slow
+    return body
+
+
+def nested(depth: int) -> bytes:
+    return b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@hsettings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(JSON, near_valid_body(), st.binary(max_size=200).map(lambda b: ("raw", b)),
+                      st.integers(min_value=1, max_value=200_000).map(lambda d: ("raw", nested(d)))))
+def test_hostile_bodies_get_200_or_an_openai_4xx(http: httpx.Client, body) -> None:
+    # json.dumps escapes lone surrogates and writes Infinity: both must come back as a 400, too.
+    raw = body[1] if isinstance(body, tuple) and body[:1] == ("raw",) else json.dumps(body).encode()
+    response = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_server_is_healthy_after_the_hostile_bodies(server: ServerProcess, client: openai.OpenAI) -> None:
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    assert client.chat.completions.create(model="x", messages=USER, max_tokens=2).choices
+    assert "Traceback" not in server.log()
+
+
+###############################################################################
+# Hardening: soak (the short version; bench/soak.py runs the long one)
+###############################################################################
+
+
+def test_short_soak_loses_nothing(model_path: str, tmp_path: Path) -> None:
+    sys.path.insert(0, str(HERE / "bench"))
+    import soak
+
+    with running_server(tmp_path, ["--api-keys", "soak", "--max-queue", "3", "--n-ctx", "1024"]) as proc:
+        result = soak.run_soak(proc.base_url, "soak", duration=20, clients=6, pid=proc.process.pid)
+    assert result["hung"] == 0 and result["5xx"] == 0 and result["unfinished_streams"] == 0
+    assert result["health_after"] == 200
+    assert result["outcomes"].get("stream-done", 0) > 0 and result["outcomes"].get("stream-left", 0) > 0
+    assert result["requests"] >= 20
+    assert set(result["statuses"]) <= {200, 400, 429}
+    assert result["rss_end_mb"] - result["rss_start_mb"] < 100
+
+
+###############################################################################
+# Hardening: startup and shutdown
+###############################################################################
+
+
+def test_more_startup_mistakes(model_path: str, tmp_path: Path) -> None:
+    cases = [(["--model-type", "VL", "--mmproj-path", str(tmp_path / "none.gguf")], "does not exist"),
+             (["--api-keys-file", str(tmp_path)], "cannot be read"),
+             (["--mmproj-path", str(tmp_path / "fake.gguf")], "does not exist")]
+    (tmp_path / "fake-mmproj.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    cases.append((["--mmproj-path", str(tmp_path / "fake-mmproj.gguf")], "cannot load mmproj"))
+    for args, message in cases:
+        result = run_main(*args)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result
+
+
+def stream_then_signal(proc: ServerProcess, sig: int, max_tokens: int) -> list[str]:
+    body = {"messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": max_tokens,
+            "logit_bias": NO_EOS, "stream": True, **GREEDY}
+    events = []
+    with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    proc.process.send_signal(sig)
+    return events
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_lets_running_streams_finish_and_exits_0(model_path: str, tmp_path: Path, sig: int) -> None:
+    proc = ServerProcess(["--shutdown-grace", "20"], {}, tmp_path / "server.log").start()
+    events = stream_then_signal(proc, sig, max_tokens=60)
+    assert events[-1] == "[DONE]" and len(events) > 60
+    assert proc.process.wait(30) == 0
+    proc.log_file.close()
+    assert "shutting down" in proc.log() and "model unloaded" in proc.log() and "Traceback" not in proc.log()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(proc.base_url + "/health")
+
+
+def test_shutdown_ends_a_long_stream_with_an_error_event(model_path: str, tmp_path: Path) -> None:
+    proc = ServerProcess(["--shutdown-grace", "1"], {}, tmp_path / "server.log").start()
+    started = time.monotonic()
+    events = stream_then_signal(proc, signal.SIGTERM, max_tokens=1500)
+    assert json.loads(events[-1])["error"]["code"] == "server_shutting_down"
+    assert proc.process.wait(30) == 0
+    assert time.monotonic() - started < 10  # 1,500 tokens would take far longer
+    proc.log_file.close()
+    assert "model unloaded" in proc.log()
