@@ -24,7 +24,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
 # The driver library (libcuda) comes from the host at run time; link against the toolkit's stub.
-RUN ln -s /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/libcuda.so.1 \
+RUN ln -sf /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/libcuda.so.1 \
  && LD_LIBRARY_PATH=/usr/local/cuda/lib64/stubs \
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
     pip wheel --no-deps --wheel-dir /wheels "$(grep '^llama-cpp-python==' /tmp/requirements.txt)"
@@ -42,7 +42,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin app
 COPY llmapiserver.py /app/llmapiserver.py
-USER app
+USER 10001
 ENV HOST=0.0.0.0 PORT=8000 MODEL_PATH=/models/model.gguf N_GPU_LAYERS=0
 EXPOSE 8000
 VOLUME ["/models"]
@@ -65,7 +65,7 @@ COPY requirements.txt /tmp/requirements.txt
 RUN pip install /wheels/*.whl -r /tmp/requirements.txt && rm -rf /wheels
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin app
 COPY llmapiserver.py /app/llmapiserver.py
-USER app
+USER 10001
 ENV HOST=0.0.0.0 PORT=8000 MODEL_PATH=/models/model.gguf N_GPU_LAYERS=-1
 EXPOSE 8000
 VOLUME ["/models"]

@@ -890,6 +890,7 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     usage: dict[str, int] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set once the worker let go of the model
 
 
 class Generation:
@@ -943,6 +944,7 @@ class Generation:
             self._wake()
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._release)
+                self._loop.call_soon_threadsafe(self.stats.done.set)
 
     async def _wait(self) -> None:
         deadline = self._shutdown.deadline
@@ -964,10 +966,10 @@ class Generation:
         chunks = []
         while self._ready:
             item = self._ready.popleft()
-            if isinstance(item, BaseException):
-                raise item
-            if item is _END:
-                self._ready.appendleft(_END)  # so the next call answers [] too
+            if item is _END or isinstance(item, BaseException):
+                if isinstance(item, BaseException) and not chunks:
+                    raise item
+                self._ready.appendleft(item)  # the next call ends, or raises, after these chunks
                 break
             chunks.append(item)
         if self.stats.first_token is None:
@@ -1119,7 +1121,11 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("%s", _log_line(request_id, scope, status, started, scope["state"].get("stats")))
+            stats = scope["state"].get("stats")
+            if stats is not None:  # a client that left: log what was generated once the worker stopped
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(stats.done.wait(), 10)
+            log.info("%s", _log_line(request_id, scope, status, started, stats))
 
 
 def _log_line(request_id: str, scope: Scope, status: int, started: float, stats: Stats | None) -> str:

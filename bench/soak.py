@@ -4,7 +4,8 @@
     $ python bench/soak.py --url http://127.0.0.1:8000 --key sk-...    # an already running one
 
 Each client loops until the time is up, picking at random: a streaming request (a share of them
-disconnect after a few chunks), a non-streaming one, or an invalid one. Every request has a hard
+disconnect after a few chunks), a non-streaming one, or an invalid one; after a 429 it waits about
+the second that Retry-After asks for. Every request has a hard
 client-side timeout, so a hung server shows up as "hung", never as a hung soak. The report:
 requests by outcome and status, hung requests, 5xx, streams that ended without [DONE] or an
 error event (counting only clients that stayed), queue-full 429s, and server RSS at start and end.
@@ -60,12 +61,12 @@ def chat(rng: random.Random, stream: bool) -> dict:
             "temperature": rng.choice([0, 0.7]), "stream": stream}
 
 
-def one_stream(client: httpx.Client, url: str, rng: random.Random, report: Report, leave: bool) -> None:
+def one_stream(client: httpx.Client, url: str, rng: random.Random, report: Report, leave: bool) -> int:
     with client.stream("POST", url, json=chat(rng, True)) as response:
         if response.status_code != 200:
             response.read()
             report.add("stream-refused", response.status_code)
-            return
+            return response.status_code
         events = 0
         for line in response.iter_lines():
             if not line.startswith("data: "):
@@ -76,10 +77,11 @@ def one_stream(client: httpx.Client, url: str, rng: random.Random, report: Repor
                 return
             if line == "data: [DONE]" or line.startswith('data: {"error"'):
                 report.add("stream-done" if line == "data: [DONE]" else "stream-error-event", 200)
-                return
+                return 200
         report.add("stream-unfinished", 200)
         with report.lock:
             report.unfinished_streams += 1
+        return 200
 
 
 def client_loop(base_url: str, key: str, deadline: float, seed: int, report: Report) -> None:
@@ -91,13 +93,15 @@ def client_loop(base_url: str, key: str, deadline: float, seed: int, report: Rep
             kind = rng.choices(["stream", "leave", "json", "invalid"], [4, 2, 3, 1])[0]
             try:
                 if kind in ("stream", "leave"):
-                    one_stream(client, url, rng, report, leave=kind == "leave")
+                    status = one_stream(client, url, rng, report, leave=kind == "leave")
                 elif kind == "json":
-                    response = client.post(url, json=chat(rng, False))
-                    report.add("json-ok" if response.status_code == 200 else "json-refused", response.status_code)
+                    status = client.post(url, json=chat(rng, False)).status_code
+                    report.add("json-ok" if status == 200 else "json-refused", status)
                 else:
-                    response = client.post(url, json=rng.choice(INVALID_BODIES))
-                    report.add("invalid", response.status_code)
+                    status = client.post(url, json=rng.choice(INVALID_BODIES)).status_code
+                    report.add("invalid", status)
+                if status == 429:  # a well-behaved client waits as Retry-After asks (1 s), give or take
+                    time.sleep(rng.uniform(0.5, 1.5))
             except httpx.TimeoutException:
                 with report.lock:
                     report.hung += 1
