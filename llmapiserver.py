@@ -316,19 +316,6 @@ class ChatRequest:
     images: int = 0
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What validation needs to know about the served model and the server's caps."""
-
-    vision: bool = False
-    logprobs: bool = False
-    n_vocab: int = 2**31 - 1
-    max_images: int = 8
-    max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 50_000_000
-    remote_images: bool = False
-
-
 def parse_json_body(raw: bytes) -> Any:
     def reject_constant(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")
@@ -370,13 +357,14 @@ def _flag(body: dict, name: str, param: str | None = None) -> bool:
     return value
 
 
-def validate_chat_request(body: Any, limits: Limits) -> ChatRequest:
-    """Check a decoded /v1/chat/completions body. Raises APIError(400) naming the bad field."""
+def validate_chat_request(body: Any, settings: Settings, n_vocab: int = INT32_MAX) -> ChatRequest:
+    """Check a decoded /v1/chat/completions body against the server's settings and the model's
+    vocabulary. Raises APIError(400) naming the bad field; no I/O."""
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object", None, "invalid_type")
-    messages, images = _validate_messages(body.get("messages"), limits)
+    messages, images = _validate_messages(body.get("messages"), settings)
     stream = _flag(body, "stream")
-    req = ChatRequest(messages=messages, params=_sampling_params(body, limits), stream=stream, images=images)
+    req = ChatRequest(messages=messages, params=_sampling_params(body, settings.logprobs, n_vocab), stream=stream, images=images)
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
@@ -390,7 +378,7 @@ def validate_chat_request(body: Any, limits: Limits) -> ChatRequest:
     return req
 
 
-def _sampling_params(body: dict, limits: Limits) -> dict[str, Any]:
+def _sampling_params(body: dict, logprobs: bool, n_vocab: int) -> dict[str, Any]:
     params: dict[str, Any] = {
         "temperature": _number(body, "temperature", 0, 2),
         "top_p": _number(body, "top_p", 0, 1),
@@ -413,9 +401,9 @@ def _sampling_params(body: dict, limits: Limits) -> dict[str, Any]:
     if n not in (None, 1):
         raise _bad("Only 'n': 1 is supported", "n")
     params["stop"] = _validate_stop(body.get("stop"))
-    params["logit_bias"] = _validate_logit_bias(body.get("logit_bias"), limits.n_vocab)
+    params["logit_bias"] = _validate_logit_bias(body.get("logit_bias"), n_vocab)
     if _flag(body, "logprobs"):
-        if not limits.logprobs:
+        if not logprobs:
             raise _bad("logprobs are off on this server: start it with --logprobs (LOGPROBS=1)",
                        "logprobs", "unsupported")
         params["logprobs"] = True
@@ -470,7 +458,7 @@ def _validate_response_format(fmt: Any) -> dict | None:
     raise _bad("'response_format.type' must be text, json_object or json_schema", "response_format.type")
 
 
-def _validate_messages(messages: Any, limits: Limits) -> tuple[list[dict], int]:
+def _validate_messages(messages: Any, settings: Settings) -> tuple[list[dict], int]:
     if messages is None:
         raise _bad("'messages' is required", "messages", "missing_required_parameter")
     if not isinstance(messages, list):
@@ -485,16 +473,16 @@ def _validate_messages(messages: Any, limits: Limits) -> tuple[list[dict], int]:
         role = message.get("role")
         if role not in ROLES:
             raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-        content, n = _validate_content(message.get("content", ...), role, f"{where}.content", limits)
+        content, n = _validate_content(message.get("content", ...), role, f"{where}.content", settings)
         images += n
-        if images > limits.max_images:
-            raise _bad(f"At most {limits.max_images} images per request", where, "too_many_images")
+        if images > settings.max_images:
+            raise _bad(f"At most {settings.max_images} images per request", where, "too_many_images")
         # Chat templates know "system", not OpenAI's newer "developer".
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out, images
 
 
-def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tuple[Any, int]:
+def _validate_content(content: Any, role: str, where: str, settings: Settings) -> tuple[Any, int]:
     """The content llama.cpp gets: a string, or (vision, user) a list of text/image parts."""
     if isinstance(content, str):
         return _check_utf8(content, where), 0
@@ -512,11 +500,11 @@ def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tu
             _check_utf8(part["text"], f"{here}.text")
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
-            if not limits.vision:
+            if not settings.vision:
                 raise _bad("This model is text-only: image parts are not accepted", here, "unsupported")
             if role != "user":
                 raise _bad("Only user messages may contain images", here)
-            parts.append({"type": "image_url", "image_url": {"url": _validate_image_url(part, here, limits)}})
+            parts.append({"type": "image_url", "image_url": {"url": _validate_image_url(part, here, settings)}})
         else:
             raise _bad(f"{here}.type must be 'text' or 'image_url'", f"{here}.type")
     images = sum(part["type"] == "image_url" for part in parts)
@@ -526,19 +514,19 @@ def _validate_content(content: Any, role: str, where: str, limits: Limits) -> tu
     return parts, images
 
 
-def _validate_image_url(part: dict, where: str, limits: Limits) -> str:
+def _validate_image_url(part: dict, where: str, settings: Settings) -> str:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str):
         raise _bad(f"{where}.image_url.url must be a string", f"{where}.image_url.url", "invalid_type")
-    if limits.remote_images and url.startswith(("http://", "https://")):
+    if settings.allow_remote_images and url.startswith(("http://", "https://")):
         return url  # fetched later, off the event loop, by fetch_remote_images()
     if not url.startswith("data:"):
-        remote = " or http(s) URLs" if limits.remote_images else " (this server does not fetch URLs)"
+        remote = " or http(s) URLs" if settings.allow_remote_images else " (this server does not fetch URLs)"
         raise _bad(f"Images must be data: URLs (data:image/png;base64,...){remote}",
                    f"{where}.image_url.url", "invalid_image_url")
-    data = decode_data_url(url, f"{where}.image_url.url", limits.max_image_bytes)
-    check_image(data, f"{where}.image_url.url", limits.max_image_pixels)
+    data = decode_data_url(url, f"{where}.image_url.url", settings.max_image_bytes)
+    check_image(data, f"{where}.image_url.url", settings.max_image_pixels)
     return url
 
 
@@ -690,7 +678,7 @@ def _read_capped(response: http.client.HTTPResponse, max_bytes: int, deadline: f
     return bytes(data)
 
 
-def fetch_remote_images(messages: list[dict], limits: Limits, timeout: float) -> None:
+def fetch_remote_images(messages: list[dict], settings: Settings) -> None:
     """Replace each http(s) image URL by the checked image's data: URL (blocking: run in a thread)."""
     for i, message in enumerate(messages):
         for j, part in enumerate(message["content"] if isinstance(message["content"], list) else []):
@@ -699,10 +687,10 @@ def fetch_remote_images(messages: list[dict], limits: Limits, timeout: float) ->
                 continue
             where = f"messages[{i}].content[{j}].image_url.url"
             try:
-                data = fetch_image(url, timeout, limits.max_image_bytes)
+                data = fetch_image(url, settings.remote_image_timeout, settings.max_image_bytes)
             except (ValueError, OSError, http.client.HTTPException) as exc:
                 raise _bad(f"The image could not be fetched: {exc}", where, "invalid_image_url") from None
-            check_image(data, where, limits.max_image_pixels)
+            check_image(data, where, settings.max_image_pixels)
             part["image_url"]["url"] = "data:image/fetched;base64," + base64.b64encode(data).decode()
 
 
@@ -1184,9 +1172,9 @@ async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
-    req = validate_chat_request(body, state.limits)
-    if state.limits.remote_images and req.images:
-        await asyncio.to_thread(fetch_remote_images, req.messages, state.limits, state.settings.remote_image_timeout)
+    req = validate_chat_request(body, state.settings, state.n_vocab)
+    if state.settings.allow_remote_images and req.images:
+        await asyncio.to_thread(fetch_remote_images, req.messages, state.settings)
     kwargs = completion_kwargs(req, state.settings.model_name)
     n_ctx = state.llm.n_ctx()
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
@@ -1275,11 +1263,7 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.settings, app.state.llm = settings, llm
         app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
         app.state.worker = worker
-        app.state.limits = Limits(
-            vision=settings.vision, logprobs=settings.logprobs, n_vocab=llm.n_vocab(),
-            max_images=settings.max_images, max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels, remote_images=settings.allow_remote_images,
-        )
+        app.state.n_vocab = llm.n_vocab()
         app.state.shutdown = shutdown or Shutdown()
         auth.configure(settings.api_keys)
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,

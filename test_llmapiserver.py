@@ -781,7 +781,7 @@ def test_validation_maps_openai_fields_to_llama_arguments() -> None:
     req = las.validate_chat_request({
         "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         "max_tokens": 50, "max_completion_tokens": 20, "stop": "END", "seed": -1, "top_k": 5,
-        "stream": True, "stream_options": {"include_usage": True}}, las.Limits())
+        "stream": True, "stream_options": {"include_usage": True}}, las.Settings())
     assert req.messages[0] == {"role": "system", "content": "Be brief."}
     assert req.params["max_tokens"] == 20 and req.params["stop"] == ["END"] and req.params["top_k"] == 5
     assert req.params["temperature"] == 1.0 and req.params["top_p"] == 1.0
@@ -887,7 +887,7 @@ def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: P
     mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf")
     llm = las.load_model(las.load_settings(["--mmproj-path", str(mmproj), "--n-ctx", "512"], {}))
     req = las.validate_chat_request({"messages": image_message(data_url(png_bytes(32, 32))), "max_tokens": 20,
-                                     "temperature": 0}, las.Limits(vision=True))
+                                     "temperature": 0}, las.Settings(model_type="VL"))
     fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
     llm.tokenizer_ = LlamaTokenizer(llm)
     slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
