@@ -863,12 +863,14 @@ STREAM_WAKE_INTERVAL = 0.02
 class Shutdown:
     """When the server began to stop: running requests may go on until `deadline`, then get a 503."""
 
-    deadline: float | None = None
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.deadline: float | None = None
 
-    def begin(self, grace: float) -> None:
+    def begin(self) -> None:
         if self.deadline is None:
-            self.deadline = time.monotonic() + grace
-            log.info("shutting down: running requests get %.0f s to finish", grace)
+            self.deadline = time.monotonic() + self.grace
+            log.info("shutting down: running requests get %.0f s to finish", self.grace)
 
 
 @dataclass
@@ -888,9 +890,10 @@ class Generation:
     really stopped touching it, however the request ended. Cancelling sets an event that the
     worker checks between tokens, so an abandoned generation stops within one token.
     The worker is the one thread that ever calls llama.cpp (see `llama_thread`).
-    The worker wakes the event loop for the first chunk, the end, and then at most once per
-    `wake_interval`: each wake-up and each socket write steals CPU from llama.cpp's threads, and
-    the loop takes every chunk that is ready at once (a stream sends them in one write).
+    The worker wakes the event loop for the first token, the end, and then at most once per
+    `wake_interval`, and the loop takes every chunk that is ready at once (a stream sends them in
+    one write): fewer wake-ups and writes per token, which matters most where tokens are fast (a
+    GPU); on 2 CPU cores the difference was within this VM's noise.
     """
 
     def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats,
@@ -931,8 +934,12 @@ class Generation:
                 chunks.close()
             self._wake()
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._release)
-                self._loop.call_soon_threadsafe(self.stats.done.set)
+                self._loop.call_soon_threadsafe(self._finished)
+
+    def _finished(self) -> None:
+        """On the loop, once the worker let go of the model: the next request may start."""
+        self._release()
+        self.stats.done.set()
 
     async def _wait(self) -> None:
         deadline = self._shutdown.deadline
@@ -1000,10 +1007,10 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
     return APIError(500, "The model failed while generating; see the server log", code="internal_error")
 
 
-def chat_completion(first: dict, chunks: list[dict], usage: dict | None) -> dict:
+def chat_completion(chunks: list[dict], usage: dict | None) -> dict:
     """The non-streaming answer, assembled from the stream's chunks."""
-    content, tokens, finish = [], [], "stop"
-    for chunk in [first, *chunks]:
+    first, content, tokens, finish = chunks[0], [], [], "stop"
+    for chunk in chunks:
         choice = chunk["choices"][0]
         content.append(choice["delta"].get("content") or "")
         if choice.get("logprobs"):
@@ -1024,7 +1031,7 @@ async def collect(generation: Generation, first: list[dict]) -> dict:
             chunks += batch
     finally:
         generation.cancel()
-    return chat_completion(chunks[0], chunks[1:], generation.stats.usage)
+    return chat_completion(chunks, generation.stats.usage)
 
 
 def _sse(chunk: dict) -> bytes:
@@ -1264,7 +1271,7 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
         app.state.worker = worker
         app.state.n_vocab = llm.n_vocab()
-        app.state.shutdown = shutdown or Shutdown()
+        app.state.shutdown = shutdown or Shutdown(settings.shutdown_grace)
         auth.configure(settings.api_keys)
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
                  settings.host, settings.port, "on" if settings.api_keys else "off")
@@ -1303,12 +1310,12 @@ class _Server(uvicorn.Server):
     -15 or -2 however cleanly it stopped; here a server that stopped as asked returns normally.
     """
 
-    def __init__(self, config: uvicorn.Config, shutdown: Shutdown, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, shutdown: Shutdown) -> None:
         super().__init__(config)
-        self._shutdown, self._grace = shutdown, grace
+        self._shutdown = shutdown
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self._shutdown.begin(self._grace)
+        self._shutdown.begin()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -1331,11 +1338,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmapiserver: error: {exc}", file=sys.stderr)
         return 2
-    shutdown = Shutdown()
+    shutdown = Shutdown(settings.shutdown_grace)
     config = uvicorn.Config(create_app(settings, llm, shutdown, worker), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_grace + 2)
-    _Server(config, shutdown, settings.shutdown_grace).run()
+    _Server(config, shutdown).run()
     return 0
 
 
