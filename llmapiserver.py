@@ -776,10 +776,23 @@ def _quiet_native_log(level: int, text: bytes, user_data: Any) -> None:
         log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
+class _KeepStdio(contextlib.nullcontext):
+    """Stands in for llama-cpp-python's suppress_stdout_stderr inside the chat handlers.
+
+    That helper points fds 1 and 2 at /dev/null while a handler decodes an image, which also
+    swallowed the log lines other requests wrote at that moment. The log callbacks keep llama.cpp
+    and mtmd quiet already, so the handlers need no redirect.
+    """
+
+    def __init__(self, disable: bool = True) -> None:
+        super().__init__()
+
+
 def _silence_native_logs() -> None:
     llama_cpp.llama_log_set(_quiet_native_log, None)
     mtmd_cpp.mtmd_log_set(_quiet_native_log, None)
     mtmd_cpp.mtmd_helper_log_set(_quiet_native_log, None)
+    llama_chat_format.suppress_stdout_stderr = _KeepStdio
 
 
 def _vision_handler(settings: Settings) -> Any:
@@ -1340,7 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shutdown = Shutdown(settings.shutdown_grace)
     config = uvicorn.Config(create_app(settings, llm, shutdown, worker), host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False,
+                            log_level=settings.log_level, access_log=False, log_config=None,  # our format
                             timeout_graceful_shutdown=settings.shutdown_grace + 2)
     _Server(config, shutdown).run()
     return 0

@@ -625,6 +625,28 @@ def test_image_stream_works(vl_server: ServerProcess) -> None:
     assert chunks[-1].usage.prompt_tokens > 16
 
 
+def test_image_request_logs_one_line_and_no_native_output(vl_server: ServerProcess) -> None:
+    secret = "walrus-accordion-4417"
+    response = httpx.post(vl_server.base_url + "/v1/chat/completions", timeout=60, json={
+        "messages": image_message(data_url(png_bytes(40, 40)), secret), "max_tokens": 3, **GREEDY})
+    assert response.status_code == 200
+    completion_tokens_logged(vl_server, response.headers["x-request-id"])
+    log = vl_server.log()
+    assert secret not in log  # mtmd logs prompts ("add_text: ...") unless its log is silenced
+    # Only the server's own log lines (asctime level name: ...), nothing written by llama.cpp or mtmd.
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \w+ [\w.]+: ", line) for line in log.splitlines()), log
+
+
+def test_chat_handlers_no_longer_redirect_stdio() -> None:
+    """llama-cpp-python's handlers sent fds 1 and 2 to /dev/null while decoding an image, losing the
+    log lines other requests wrote meanwhile; the server replaces that redirect."""
+    code = ("import os, llmapiserver; from llama_cpp import llama_chat_format as f\n"
+            "llmapiserver._silence_native_logs()\n"
+            "with f.suppress_stdout_stderr(disable=False): os.write(2, b'written-meanwhile')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, timeout=60)
+    assert result.returncode == 0 and b"written-meanwhile" in result.stderr, result
+
+
 BAD_IMAGES = [
     pytest.param(data_url(b"this is not an image"), "invalid_image", id="not-an-image"),
     pytest.param("data:image/png;base64,@@@not-base64@@@", "invalid_image", id="bad-base64"),
