@@ -885,6 +885,23 @@ class Shutdown:
             self.deadline = time.monotonic() + self.grace
             log.info("shutting down: running requests get %.0f s to finish", self.grace)
 
+    def begin_on_signals(self) -> None:
+        """SIGTERM/SIGINT begin the grace period, then go on to the server's own handler.
+
+        Chained in front of whatever handler uvicorn installed, so `uvicorn llmapiserver:app` gets
+        the grace period and the 503 too (without it uvicorn cut running streams mid-body).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; whoever runs us elsewhere stops us
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            server_handler = signal.getsignal(sig)
+            if callable(server_handler):
+                def begin_then(signum: int, frame: Any, server_handler: Callable = server_handler) -> None:
+                    self.begin()
+                    server_handler(signum, frame)
+
+                signal.signal(sig, begin_then)
+
 
 @dataclass
 class Stats:
@@ -1264,7 +1281,6 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
-               shutdown: Shutdown | None = None,
                worker: concurrent.futures.ThreadPoolExecutor | None = None) -> ASGIApp:
     """The ASGI app. Without settings it reads env vars and loads the model at startup.
 
@@ -1284,7 +1300,8 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
         app.state.worker = worker
         app.state.n_vocab = llm.n_vocab()
-        app.state.shutdown = shutdown or Shutdown(settings.shutdown_grace)
+        app.state.shutdown = Shutdown(settings.shutdown_grace)
+        app.state.shutdown.begin_on_signals()
         auth.configure(settings.api_keys)
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
                  settings.host, settings.port, "on" if settings.api_keys else "off")
@@ -1317,19 +1334,11 @@ def configure_logging(level: str) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, but SIGTERM/SIGINT start our grace period, and a clean stop exits 0.
+    """uvicorn's server, but a clean stop exits 0.
 
     uvicorn re-raises the signal after its own graceful shutdown, so the process would die with
     -15 or -2 however cleanly it stopped; here a server that stopped as asked returns normally.
     """
-
-    def __init__(self, config: uvicorn.Config, shutdown: Shutdown) -> None:
-        super().__init__(config)
-        self._shutdown = shutdown
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self._shutdown.begin()
-        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[override]
@@ -1351,11 +1360,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmapiserver: error: {exc}", file=sys.stderr)
         return 2
-    shutdown = Shutdown(settings.shutdown_grace)
-    config = uvicorn.Config(create_app(settings, llm, shutdown, worker), host=settings.host, port=settings.port,
+    config = uvicorn.Config(create_app(settings, llm, worker), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False, log_config=None,  # our format
                             timeout_graceful_shutdown=settings.shutdown_grace + 2)
-    _Server(config, shutdown).run()
+    _Server(config).run()
     return 0
 
 

@@ -1206,3 +1206,13 @@ def test_shutdown_ends_a_long_stream_with_an_error_event(model_path: str, tmp_pa
     assert time.monotonic() - started < 10  # 1,500 tokens would take far longer
     proc.log_file.close()
     assert "model unloaded" in proc.log()
+
+
+def test_uvicorn_module_app_also_ends_a_long_stream_with_an_error_event(model_path: str, tmp_path: Path) -> None:
+    """Under `uvicorn llmapiserver:app` uvicorn owns the signals; it used to cut the stream mid-body."""
+    proc = ServerProcess([], {"SHUTDOWN_GRACE": "1"}, tmp_path / "server.log", module=True).start()
+    events = stream_then_signal(proc, signal.SIGTERM, max_tokens=1500)
+    assert json.loads(events[-1])["error"]["code"] == "server_shutting_down"
+    assert proc.process.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has stopped
+    proc.log_file.close()
+    assert "model unloaded" in proc.log() and "without completing response" not in proc.log()
