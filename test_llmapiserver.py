@@ -903,6 +903,27 @@ def test_piece_cache_tokenizer_equals_llama_tokenizer(model_path: str) -> None:
             assert cached.detokenize(tokens, special=special) == plain.detokenize(tokens, special=special)
 
 
+def test_piece_cache_tokenizer_follows_a_growing_list(model_path: str) -> None:
+    """The text of a list that grows is extended, not rebuilt: it must stay exact at every length,
+    also when the same list is cleared and refilled, cut short, or starts with BOS."""
+    import llama_cpp
+    from llama_cpp.llama_tokenizer import LlamaTokenizer
+
+    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    plain, cached = LlamaTokenizer(vocab), las.PieceCacheTokenizer(vocab)
+    rng = np.random.default_rng(2)
+    growing: list[int] = []
+    for step in range(400):
+        if step in (150, 300):
+            del growing[:]  # the same list object, refilled with other tokens
+        if step == 250:
+            del growing[-5:]  # cut short: the cached text no longer fits
+        growing.append(vocab.token_bos() if step == 300 else int(rng.integers(0, vocab.n_vocab())))
+        assert cached.detokenize(growing) == plain.detokenize(growing), step
+        other = growing[-3:]  # _create_completion's short lists in between
+        assert cached.detokenize(other) == plain.detokenize(other)
+
+
 def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: Path) -> None:
     from llama_cpp.llama_tokenizer import LlamaTokenizer
 
