@@ -4,6 +4,7 @@
     $ python bench/bench.py --tokens 128,2048,4096 --rounds 3 --n-ctx 8192
     $ python bench/bench.py --concurrency 8 --tokens 128     # C clients at once
     $ MODEL_PATH=/models/m.gguf python bench/bench.py --n-gpu-layers -1
+    $ python bench/bench.py --llama-server /path/to/llama-server    # adds llama.cpp's own server
 
 Each round runs every variant once, one after another (never two generations at once):
   loop        a bare Llama.generate() loop: the model's own cost and nothing else
@@ -11,6 +12,8 @@ Each round runs every variant once, one after another (never two generations at 
   floor       a do-nothing raw-socket HTTP server around that same call (bench/floor_server.py)
   server      llmapiserver over HTTP, SSE streaming
   server-json llmapiserver over HTTP, non-streaming
+  llama-server  llama.cpp's C++ server over HTTP, streaming (only with --llama-server: build it from
+              the llama.cpp sources vendored in the installed llama-cpp-python, see bench/README.md)
 Greedy decoding, a fixed seed, and the end-of-generation tokens banned (logit_bias, in every
 variant) so each run produces exactly --tokens tokens. Prints medians and the ratios.
 """
@@ -18,6 +21,7 @@ variant) so each run produces exactly --tokens tokens. Prints medians and the ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -131,16 +135,27 @@ def run_json(client: httpx.Client, url: str, max_tokens: int, bias: dict) -> Run
 
 def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    name = " ".join(cmd[:2])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{cmd[1]} exited with {proc.returncode}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit(f"{cmd[1]} did not start")
+            raise SystemExit(f"{name} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:  # llama-server: 503 while loading
+                return proc
+        time.sleep(0.2)
+    raise SystemExit(f"{name} did not start")
+
+
+def llama_server_command(binary: str, settings: las.Settings, port: int) -> list[str]:
+    """llama.cpp's server with the settings llmapiserver gets: one slot, same context, threads,
+    batch, layers and flash attention."""
+    layers = "all" if settings.n_gpu_layers < 0 else str(settings.n_gpu_layers)
+    return [binary, "--model", settings.model_path, "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(settings.n_ctx), "--batch-size", str(settings.n_batch),
+            "--threads", str(settings.n_threads), "--threads-batch", str(settings.n_threads),
+            "--n-gpu-layers", layers, "--flash-attn", "on" if settings.flash_attn else "off",
+            "--parallel", "1", "--no-webui"]
 
 
 def rss_mb(pid: int) -> float:
@@ -169,9 +184,12 @@ def single_stream(args, llm, settings, bias, urls) -> None:
     prompt = llm.tokenize(formatter(messages=[{"role": "user", "content": PROMPT}]).prompt.encode(), special=True)
     with httpx.Client(timeout=600) as client:
         for tokens in args.tokens:
-            results: dict[str, list[Run]] = {k: [] for k in ("loop", "inprocess", "floor", "server", "server-json")}
-            run_json(client, urls["server"], 8, bias)  # warm both servers
-            run_stream(client, urls["floor"], 8, bias)
+            results: dict[str, list[Run]] = {
+                k: [] for k in ("loop", "inprocess", "floor", "server", "server-json", "llama-server")}
+            run_json(client, urls["server"], 8, bias)  # warm every server
+            for name in ("floor", "llama-server"):
+                if name in urls:
+                    run_stream(client, urls[name], 8, bias)
             for _ in range(args.rounds):
                 results["loop"].append(run_loop(llm, prompt, tokens, bias))
                 results["inprocess"].append(run_inprocess(llm, tokens, bias))
@@ -179,15 +197,17 @@ def single_stream(args, llm, settings, bias, urls) -> None:
                 results["server"].append(run_stream(client, urls["server"], tokens, bias))
                 if not args.no_json:
                     results["server-json"].append(run_json(client, urls["server"], tokens, bias))
+                if "llama-server" in urls:
+                    results["llama-server"].append(run_stream(client, urls["llama-server"], tokens, bias))
             report(tokens, results, args.rounds)
 
 
 def report(tokens: int, results: dict[str, list[Run]], rounds: int) -> None:
     print(f"\n## {tokens} tokens, medians of {rounds} interleaved rounds")
-    print(f"{'variant':<12} {'decode tok/s':>12} {'ttft ms':>8} {'total s':>8}")
+    print(f"{'variant':<13} {'decode tok/s':>12} {'ttft ms':>8} {'total s':>8}")
     for name, runs in results.items():
         if runs:
-            print(f"{name:<12} {median(runs, 'decode'):>12.1f} {median(runs, 'ttft') * 1000:>8.1f} "
+            print(f"{name:<13} {median(runs, 'decode'):>12.1f} {median(runs, 'ttft') * 1000:>8.1f} "
                   f"{median(runs, 'total'):>8.2f}")
     # Ratios are taken within each round, then the median: the machine's speed drifts between rounds.
     def ratio(a: str, b: str, attr: str = "decode") -> float:
@@ -205,6 +225,10 @@ def report(tokens: int, results: dict[str, list[Run]], rounds: int) -> None:
     if results["server-json"]:
         print(f"server non-stream tok/s / generate() loop : {ratio('server-json', 'loop'):.3f}")
         print(f"non-stream latency / in-process stream    : {ratio('server-json', 'inprocess', 'total'):.3f}")
+    if results["llama-server"]:
+        print(f"server stream decode / llama-server       : {ratio('server', 'llama-server'):.3f}")
+        print(f"llama-server decode / generate() loop     : {ratio('llama-server', 'loop'):.3f}")
+        print(f"time to first token, server - llama-server: {overhead_ms('server', 'llama-server'):.1f} ms")
     sys.stdout.flush()
 
 
@@ -246,6 +270,7 @@ def main() -> None:
     parser.add_argument("--n-gpu-layers", type=int, default=-1)
     parser.add_argument("--no-json", action="store_true", help="skip the non-streaming variant")
     parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary to compare with")
     args = parser.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
 
@@ -261,7 +286,7 @@ def main() -> None:
                   "MAX_QUEUE": str(max(16, args.concurrency)), "LOG_LEVEL": "warning"}
     server = start([sys.executable, str(ROOT / "llmapiserver.py"), "--port", str(args.port)], server_env, args.port)
     urls = {"server": f"http://127.0.0.1:{args.port}/v1/chat/completions"}
-    floor = None
+    floor = cpp_server = None
     try:
         if args.concurrency:
             llm = llama_cpp.Llama(model_path=settings.model_path, vocab_only=True, verbose=False)
@@ -271,6 +296,10 @@ def main() -> None:
             floor = start([sys.executable, str(ROOT / "bench" / "floor_server.py"), str(floor_port),
                            json.dumps(model_args)], {}, floor_port)
             urls["floor"] = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+            if args.llama_server:
+                cpp_port = args.port + 2
+                cpp_server = start(llama_server_command(args.llama_server, settings, cpp_port), {}, cpp_port)
+                urls["llama-server"] = f"http://127.0.0.1:{cpp_port}/v1/chat/completions"
             llm = llama_cpp.Llama(verbose=False, **model_args)
             single_stream(args, llm, settings, ban_eog(llm), urls)
         server_rss = rss_mb(server.pid)
@@ -278,7 +307,7 @@ def main() -> None:
         print(f"\nserver RSS {server_rss:.0f} MB; a bare process with the same model {base_rss:.0f} MB; "
               f"beyond the model: {server_rss - base_rss:.0f} MB")
     finally:
-        for proc in (server, floor):
+        for proc in (server, floor, cpp_server):
             if proc is not None:
                 proc.terminate()
                 proc.wait()
