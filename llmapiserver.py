@@ -811,6 +811,7 @@ class _KeepStdio(contextlib.nullcontext):
 
 
 def _silence_native_logs() -> None:
+    """llama.cpp's and mtmd's output goes through the server's log (errors only), never to fds 1/2."""
     llama_cpp.llama_log_set(_quiet_native_log, None)
     mtmd_cpp.mtmd_log_set(_quiet_native_log, None)
     mtmd_cpp.mtmd_helper_log_set(_quiet_native_log, None)

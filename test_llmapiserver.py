@@ -885,12 +885,22 @@ def test_json_schema_answer_equals_llama_cpp_python(client: openai.OpenAI, refer
     assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
 
 
-def test_piece_cache_tokenizer_equals_llama_tokenizer(model_path: str) -> None:
+@pytest.fixture(scope="module")
+def vocab(model_path: str):
     import llama_cpp
+
+    return llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+
+
+def tokenizers(vocab) -> tuple:
+    """llama-cpp-python's own tokenizer and the server's, on the same vocabulary."""
     from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
-    plain, cached = LlamaTokenizer(vocab), las.PieceCacheTokenizer(vocab)
+    return LlamaTokenizer(vocab), las.PieceCacheTokenizer(vocab)
+
+
+def test_piece_cache_tokenizer_equals_llama_tokenizer(vocab) -> None:
+    plain, cached = tokenizers(vocab)
     rng = np.random.default_rng(1)
     text = "Grüße, 日本語 and 🙂🎉 — naïve café".encode()
     split = vocab.tokenize(text, add_bos=False)  # tokens that cut multi-byte characters
@@ -903,14 +913,10 @@ def test_piece_cache_tokenizer_equals_llama_tokenizer(model_path: str) -> None:
             assert cached.detokenize(tokens, special=special) == plain.detokenize(tokens, special=special)
 
 
-def test_piece_cache_tokenizer_follows_a_growing_list(model_path: str) -> None:
+def test_piece_cache_tokenizer_follows_a_growing_list(vocab) -> None:
     """The text of a list that grows is extended, not rebuilt: it must stay exact at every length,
     also when the same list is cleared and refilled, cut short, or starts with BOS."""
-    import llama_cpp
-    from llama_cpp.llama_tokenizer import LlamaTokenizer
-
-    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
-    plain, cached = LlamaTokenizer(vocab), las.PieceCacheTokenizer(vocab)
+    plain, cached = tokenizers(vocab)
     rng = np.random.default_rng(2)
     growing: list[int] = []
     for step in range(400):

@@ -65,7 +65,7 @@ def load(cls: type, settings: las.Settings, served: bool) -> llama_cpp.Llama:
     llm = cls(model_path=settings.model_path, n_ctx=8192, n_threads=1, verbose=False)
     if served:
         llm.tokenizer_ = las.PieceCacheTokenizer(llm)
-    llm.stream = [t for t in llm.tokenize(TEXT.encode(), add_bos=False)]
+    llm.stream = llm.tokenize(TEXT.encode(), add_bos=False)
     return llm
 
 

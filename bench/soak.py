@@ -74,7 +74,7 @@ def one_stream(client: httpx.Client, url: str, rng: random.Random, report: Repor
             events += 1
             if leave and events >= 3:
                 report.add("stream-left", 200)  # closing the response drops the connection
-                return
+                return 200
             if line == "data: [DONE]" or line.startswith('data: {"error"'):
                 report.add("stream-done" if line == "data: [DONE]" else "stream-error-event", 200)
                 return 200
