@@ -34,10 +34,12 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -89,8 +91,10 @@ class ConfigError(Exception):
     """A startup setting is wrong: printed as one line, the process exits non-zero."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help}, **extra)
+def _opt(default: Any, help: str, const: str | None = None, **extra: Any) -> Any:
+    """A setting; `const` is what its flag means when given without a value (`--logprobs`)."""
+    const = "1" if const is None and isinstance(default, bool) else const
+    return field(default=default, metadata={"help": help, "const": const}, **extra)
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,17 @@ class Settings:
     api_keys_file: str = _opt("", "file with one API key a line, added to API_KEYS")
     allow_no_auth: bool = _opt(False, "serve without API keys on a non-loopback HOST (dangerous)")
     n_ctx: int = _opt(4096, "context size in tokens; 0 means the model's training context")
-    n_threads: int = _opt(os.cpu_count() or 1, "CPU threads for llama.cpp (default: every core)")
+    n_threads: int = _opt(0, "CPU threads for llama.cpp; 0 means one per physical core (llama.cpp's own choice)")
     n_batch: int = _opt(512, "prompt tokens evaluated per llama.cpp batch")
     n_gpu_layers: int = _opt(-1, "layers offloaded to the GPU; -1 all (needs a CUDA build), 0 none")
-    flash_attn: bool = _opt(True, "flash attention (measured faster on 2 CPU cores and on an H100)")
+    flash_attn: str = _opt("auto", "auto, on or off; auto: on only where the layers run on a GPU (see README)",
+                           const="on")
     logprobs: bool = _opt(False, "allow logprobs: loads the model with logits_all, slower prompts")
     max_queue: int = _opt(16, "requests that may wait for the model; past it 429")
+    max_grammar_branches: int = _opt(1000, "most alternatives a response grammar may choose between at one "
+                                     "point (enum values, anyOf); past it 400 (see README)")
+    max_generation_seconds: float = _opt(0.0, "wall-clock limit of one answer, ended with finish_reason "
+                                         "'length'; 0: none")
     max_body_bytes: int = _opt(20 * 2**20, "largest request body; past it 413")
     max_images: int = _opt(8, "images per request")
     max_image_bytes: int = _opt(10 * 2**20, "decoded bytes per image")
@@ -144,6 +153,11 @@ def _parse_field(f: dataclasses.Field, raw: str) -> Any:
             return _parse_bool(raw)
         if f.type == "int":
             return int(raw)
+        if f.type == "float":
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            return value
         if f.type == "tuple[str, ...]":
             return tuple(key.strip() for key in raw.split(",") if key.strip())
         return raw.strip()
@@ -156,7 +170,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="llmapiserver", description="OpenAI-compatible chat server for one GGUF model."
     )
     for f in dataclasses.fields(Settings):
-        boolean = {"nargs": "?", "const": "1"} if f.type == "bool" else {}  # `--logprobs` alone means on
+        const = f.metadata["const"]
+        boolean = {"nargs": "?", "const": const} if const is not None else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(), default=None,
             help=f"{f.metadata['help']} (env {f.name.upper()}; default {f.default!r})", **boolean,
@@ -196,10 +211,10 @@ def _resolve(s: Settings) -> Settings:
     _check_file("MODEL_PATH", model_path)
     if model_type == "VL":
         _check_file("MMPROJ_PATH", s.mmproj_path)
-    for name, low in (("n_ctx", 0), ("n_threads", 1), ("n_batch", 1), ("max_queue", 0),
+    for name, low in (("n_ctx", 0), ("n_threads", 0), ("n_batch", 1), ("max_queue", 0),
                       ("max_body_bytes", 1024), ("max_images", 0), ("max_image_bytes", 1),
                       ("max_image_pixels", 1), ("remote_image_timeout", 1), ("shutdown_grace", 0),
-                      ("port", 0)):
+                      ("port", 0), ("max_grammar_branches", 1), ("max_generation_seconds", 0)):
         if getattr(s, name) < low:
             raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
     if s.port > 65535:
@@ -215,7 +230,45 @@ def _resolve(s: Settings) -> Settings:
     return dataclasses.replace(
         s, model_type=model_type, model_path=model_path, api_keys=keys,
         model_name=s.model_name or Path(model_path).stem, log_level=s.log_level.lower(),
+        n_threads=s.n_threads or physical_cores(), flash_attn=_parse_switch("FLASH_ATTN", s.flash_attn),
     )
+
+
+def _parse_switch(name: str, raw: str) -> str:
+    """auto, on or off; the boolean spellings (1/0, true/false, yes/no) still mean on/off."""
+    lowered = raw.strip().lower()
+    if lowered == "auto":
+        return "auto"
+    try:
+        return "on" if _parse_bool(lowered) else "off"
+    except ValueError:
+        raise ConfigError(f"{name} has value {raw!r}: use auto, on or off") from None
+
+
+def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:
+    """Physical cores this process may run on: llama.cpp's own default thread count.
+
+    A second hyperthread on a core shares its vector units: llama.cpp's decode gains nothing from
+    it and loses to the extra synchronisation, so it counts cores, not logical CPUs. Reads
+    /proc/cpuinfo (Linux); elsewhere every logical CPU counts.
+    """
+    allowed = allowed if allowed is not None else (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1)))
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return max(len(allowed), 1)
+    cores, cpu, package = set(), None, "0"
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            cpu = int(value)
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and cpu in allowed:
+            cores.add((package, value))
+    return max(len(cores) or len(allowed), 1)
 
 
 def _check_file(name: str, path: str) -> None:
@@ -838,15 +891,30 @@ def llama_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
 
 
+def choose_flash_attn(setting: str, gpu_build: bool, n_gpu_layers: int) -> tuple[bool, str]:
+    """FLASH_ATTN's decision and why. On a CPU flash attention slowed decode (Intel Xeon, 2 threads:
+    -25% at 256 tokens, -53% at 2,048) while on an H100 it gained 20%: `auto` follows the layers."""
+    if setting in ("on", "off"):
+        return setting == "on", f"FLASH_ATTN={setting}"
+    if not gpu_build:
+        return False, "auto: this llama.cpp build runs on the CPU only"
+    if n_gpu_layers == 0:
+        return False, "auto: N_GPU_LAYERS=0 keeps the layers on the CPU"
+    return True, "auto: the layers run on the GPU"
+
+
 def load_model(settings: Settings) -> ServedLlama:
     """The one place that builds the model: a text model, or a vision model with its mmproj."""
     _silence_native_logs()
     handler = _vision_handler(settings) if settings.vision else None
+    flash_attn, why = choose_flash_attn(settings.flash_attn, llama_cpp.llama_supports_gpu_offload(),
+                                        settings.n_gpu_layers)
+    log.info("flash attention %s (%s); %d threads", "on" if flash_attn else "off", why, settings.n_threads)
     try:
         llm = ServedLlama(
             model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
             n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
-            n_gpu_layers=settings.n_gpu_layers, flash_attn=settings.flash_attn,
+            n_gpu_layers=settings.n_gpu_layers, flash_attn=flash_attn,
             logits_all=settings.logprobs, chat_handler=handler, verbose=False,
         )
     except (ValueError, RuntimeError) as exc:
@@ -862,6 +930,306 @@ def load_model(settings: Settings) -> ServedLlama:
             llm.close()
             raise ConfigError(f"cannot load mmproj {settings.mmproj_path!r}: {exc}") from None
     return llm
+
+
+###############################################################################
+# Grammars ####################################################################
+###############################################################################
+# Every grammar, whatever it was built from (response_format today, tool schemas tomorrow), goes
+# through check_grammar() before the model sees it. llama.cpp's grammar parser recurses once per
+# nesting level (a deep grammar overflows the C stack: a crash no check can catch afterwards), prints
+# the whole grammar source to stderr when it fails, and returns NULL, which llama-cpp-python 0.3.36
+# adds to the sampler chain anyway (a segfault at the first token). So: bounds are refused while
+# the schema is read, nesting and cost are measured in Python, and llama.cpp's own parser gets the
+# last word with fd 2 captured and its NULL checked.
+
+#: llama.cpp's MAX_REPETITION_THRESHOLD: a larger {m,n} bound fails its parser or is silently unbounded.
+MAX_REPEAT = 2000
+#: Deepest ( ) nesting handed to llama.cpp's recursive parser: ~1 KB of C stack a level.
+MAX_GRAMMAR_DEPTH = 100
+#: Schema keywords whose values become {m,n} repetition bounds.
+BOUND_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+class GrammarError(ValueError):
+    """A grammar llama.cpp cannot take, or one too costly to sample with; the message says why."""
+
+
+def _bounded_repetition(item_rule: str, min_items: int, max_items: int | None,
+                        separator_rule: str | None = None, item_rule_is_literal: bool = False) -> str:
+    """GBNF `item{m,n}` instead of llama-cpp-python's expansion into n nested optional groups
+    (maxLength 100000 became 100,000 nested parentheses: a C stack overflow in llama.cpp's parser).
+    The same language, so the same greedy answers; llama.cpp's own converter writes it this way."""
+    for bound in (min_items, max_items):
+        if bound is not None and bound > MAX_REPEAT:
+            raise GrammarError(f"a repetition bound of {bound} is over llama.cpp's limit of {MAX_REPEAT}")
+    if max_items == 0:
+        return ""
+    if separator_rule:
+        rest = _bounded_repetition(f"({separator_rule} {item_rule})", max(min_items - 1, 0),
+                                   None if max_items is None else max_items - 1)
+        result = f"{item_rule} {rest}".rstrip()
+        return f"({result})?" if min_items == 0 else result
+    if (min_items, max_items) == (0, 1):
+        return f"{item_rule}?"
+    if max_items is None:
+        return f"{item_rule}{'*' if min_items == 0 else '+' if min_items == 1 else '{%d,}' % min_items}"
+    return f"{item_rule}{{{min_items},{max_items}}}" if min_items != max_items else f"{item_rule}{{{min_items}}}"
+
+
+_converter_lock = threading.Lock()
+
+
+def json_schema_grammar(schema: dict) -> str:
+    """GBNF for a JSON schema: llama-cpp-python's converter with bounded repetitions.
+
+    Swaps the converter's module-level `_build_repetition` (private; no parameter reaches it) for
+    the time of one conversion, under a lock: nothing else in the process sees the swap.
+    """
+    _check_schema_bounds(schema, "")
+    with _converter_lock:
+        stock = llama_grammar._build_repetition
+        llama_grammar._build_repetition = _bounded_repetition
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        finally:
+            llama_grammar._build_repetition = stock
+
+
+#: Where a JSON schema holds schemas: maps of them, and single ones or lists of them.
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_KEYS = ("items", "prefixItems", "additionalProperties", "additionalItems", "contains", "not",
+                  "anyOf", "oneOf", "allOf", "if", "then", "else", "propertyNames")
+
+
+def _check_schema_bounds(schema: Any, path: str) -> None:
+    """Refuse a bound keyword over MAX_REPEAT (or not a count), naming it and where it is."""
+    if not isinstance(schema, dict):
+        return
+    where = path or "the top level"
+    for keyword in BOUND_KEYWORDS:
+        value = schema.get(keyword)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GrammarError(f"'{keyword}' at {where} must be a non-negative integer")
+        if value > MAX_REPEAT:
+            raise GrammarError(f"'{keyword}': {value} at {where} is too large: a grammar can enforce "
+                               f"at most {MAX_REPEAT}")
+    pattern = schema.get("pattern")
+    for low, high in re.findall(r"\{(\d*)(?:,(\d*))?\}", pattern if isinstance(pattern, str) else ""):
+        if any(bound and int(bound) > MAX_REPEAT for bound in (low, high)):
+            raise GrammarError(f"'pattern' at {where} has a {{m,n}} bound over {MAX_REPEAT}, "
+                               "more than a grammar can enforce")
+    for key in SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                _check_schema_bounds(sub, f"{path}.{key}.{name}" if path else f"{key}.{name}")
+    for key in SUBSCHEMA_KEYS:
+        subs = schema.get(key)
+        for i, sub in enumerate(subs if isinstance(subs, list) else [subs]):
+            suffix = f"{key}[{i}]" if isinstance(subs, list) else key
+            _check_schema_bounds(sub, f"{path}.{suffix}" if path else suffix)
+
+
+@dataclass
+class _Sym:
+    """One item of a GBNF sequence: a terminal, a rule reference or a group, and whether it may be empty."""
+
+    kind: str  # "t" terminal, "r" rule reference, "g" group
+    value: Any  # rule name, or the group's alternatives
+    nullable: bool
+
+
+def parse_gbnf(text: str) -> dict[str, list[list[_Sym]]]:
+    """The rules of a GBNF grammar as alternatives of symbol sequences (enough to measure it).
+
+    Raises GrammarError past MAX_GRAMMAR_DEPTH nesting or on syntax llama.cpp would refuse.
+    """
+    pos, rules = 0, {}
+
+    def skip(newlines: bool) -> None:
+        nonlocal pos
+        while pos < len(text):
+            ch = text[pos]
+            if ch == "#":
+                while pos < len(text) and text[pos] not in "\r\n":
+                    pos += 1
+            elif ch in " \t" or (newlines and ch in "\r\n"):
+                pos += 1
+            else:
+                return
+
+    def name() -> str:
+        nonlocal pos
+        match = re.compile(r"[a-zA-Z0-9_-]+").match(text, pos)
+        if not match:
+            raise GrammarError(f"grammar syntax error at offset {pos}")
+        pos = match.end()
+        return match.group()
+
+    def quoted(close: str) -> None:
+        nonlocal pos
+        pos += 1
+        while pos < len(text) and text[pos] != close:
+            pos += 2 if text[pos] == "\\" else 1
+        if pos >= len(text):
+            raise GrammarError("grammar syntax error: unterminated literal")
+        pos += 1
+
+    def alternatives(depth: int, nested: bool) -> list[list[_Sym]]:
+        if depth > MAX_GRAMMAR_DEPTH:
+            raise GrammarError(f"the grammar nests deeper than {MAX_GRAMMAR_DEPTH} levels")
+        alts = [sequence(depth, nested)]
+        while pos < len(text) and text[pos] == "|":
+            _advance(1, True)
+            alts.append(sequence(depth, nested))
+        return alts
+
+    def _advance(n: int, nested: bool) -> None:
+        nonlocal pos
+        pos += n
+        skip(nested)
+
+    def sequence(depth: int, nested: bool) -> list[_Sym]:
+        nonlocal pos
+        seq: list[_Sym] = []
+        while pos < len(text):
+            ch = text[pos]
+            if ch in "\"[":
+                quoted('"' if ch == '"' else "]")
+                seq.append(_Sym("t", None, False))
+            elif ch == ".":
+                pos += 1
+                seq.append(_Sym("t", None, False))
+            elif ch == "(":
+                _advance(1, True)
+                group = alternatives(depth + 1, True)
+                if pos >= len(text) or text[pos] != ")":
+                    raise GrammarError(f"grammar syntax error: expecting ')' at offset {pos}")
+                pos += 1
+                seq.append(_Sym("g", group, False))
+            elif re.match(r"[a-zA-Z0-9_-]", ch):
+                seq.append(_Sym("r", name(), False))
+            elif ch in "*?+{" and seq:
+                if ch == "{":
+                    end = text.find("}", pos)
+                    low = (text[pos + 1:end].split(",")[0] or "0").strip() if end > 0 else ""
+                    if not low.isdigit():
+                        raise GrammarError(f"grammar syntax error at offset {pos}")
+                    seq[-1].nullable |= int(low) == 0
+                    pos = end + 1
+                else:
+                    seq[-1].nullable |= ch != "+"
+                    pos += 1
+            else:
+                break
+            skip(nested)
+        return seq
+
+    skip(True)
+    while pos < len(text):
+        rule = name()
+        skip(False)
+        if not text.startswith("::=", pos):
+            raise GrammarError(f"grammar syntax error: expecting ::= at offset {pos}")
+        _advance(3, True)
+        rules[rule] = alternatives(0, False)
+        skip(True)
+    return rules
+
+
+def grammar_branches(rules: dict[str, list[list[_Sym]]]) -> int:
+    """The most alternatives the grammar can be choosing between at one position.
+
+    llama.cpp keeps one parse stack per live alternative and checks every candidate token against
+    each stack, so this number times the vocabulary is the cost of sampling one token: an enum of
+    20,000 strings is 20,000 stacks at its first character (22 s for 8 tokens on 2 CPU cores).
+    """
+    memo: dict[str, int] = {}
+
+    def of_alts(alts: list[list[_Sym]]) -> int:
+        return sum(of_seq(seq) for seq in alts)
+
+    def of_seq(seq: list[_Sym]) -> int:
+        total = 0
+        for sym in seq:  # the first symbol, and the next ones while the ones before may be empty
+            total += of_sym(sym)
+            if not (sym.nullable or _empty(sym)):
+                break
+        return max(total, 1)
+
+    def of_sym(sym: _Sym) -> int:
+        if sym.kind == "g":
+            return of_alts(sym.value)
+        if sym.kind == "r":
+            if sym.value not in memo:
+                memo[sym.value] = 1  # a cycle counts once
+                memo[sym.value] = of_alts(rules.get(sym.value, [[]]))
+            return memo[sym.value]
+        return 1
+
+    def _empty(sym: _Sym) -> bool:
+        alts = sym.value if sym.kind == "g" else rules.get(sym.value, []) if sym.kind == "r" else []
+        return any(not seq for seq in alts)
+
+    return max((of_alts(alts) for alts in rules.values()), default=0)
+
+
+class NativeGrammarCheck:
+    """llama.cpp's own parser, asked whether it takes a grammar; what it prints is captured.
+
+    The parser writes its error and the whole grammar source to fd 2 with fprintf. The server's log
+    handler writes to a duplicate of fd 2 (configure_logging), so pointing fd 2 at a temporary file
+    for the check loses no log line; only other native code writing to fd 2 at that moment would.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+
+    def __call__(self, text: str, root: str = "root") -> None:
+        with self._lock, tempfile.TemporaryFile() as captured:
+            saved = os.dup(2)
+            os.dup2(captured.fileno(), 2)
+            try:
+                sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), root.encode())
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            if sampler:
+                llama_cpp.llama_sampler_free(sampler)
+                return
+            captured.seek(0)
+            first_line = captured.read(4096).decode("utf-8", "replace").split("\n", 1)[0]
+        reason = first_line.partition("error parsing grammar: ")[2] or "it could not be parsed"
+        raise GrammarError(f"llama.cpp refused the grammar: {reason}")
+
+
+def check_grammar(text: str, max_branches: int, native: Callable[[str], None]) -> None:
+    """Raise GrammarError unless llama.cpp takes this grammar and sampling with it stays affordable."""
+    branches = grammar_branches(parse_gbnf(text))
+    if branches > max_branches:
+        raise GrammarError(f"the grammar chooses between {branches} alternatives at one point (an enum "
+                           f"or anyOf that large?); this server allows {max_branches} (MAX_GRAMMAR_BRANCHES)")
+    native(text)
+
+
+def build_grammar(fmt: dict, param: str, max_branches: int, native: Callable[[str], None]) -> llama_grammar.LlamaGrammar:
+    """A checked grammar for a response_format (json_object or json_schema); APIError 400 naming `param`."""
+    try:
+        if fmt["type"] == "json_object":
+            text = llama_grammar.JSON_GBNF
+        else:
+            text = json_schema_grammar(fmt["json_schema"].get("schema", {}))
+        check_grammar(text, max_branches, native)
+        return llama_grammar.LlamaGrammar.from_string(text, verbose=False)
+    except GrammarError as exc:
+        raise _bad(f"The JSON schema cannot be used: {exc}", param, "invalid_schema") from None
+    except Exception as exc:  # the converter's asserts, KeyErrors of bad $refs, RecursionError, ...
+        raise _bad(f"The JSON schema cannot be turned into a grammar: {exc.__class__.__name__}: {exc}"[:500],
+                   param, "invalid_schema") from None
 
 
 ###############################################################################
@@ -936,6 +1304,11 @@ class Stats:
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set once the worker let go of the model
 
 
+def _finish_chunk(last: dict, reason: str) -> dict:
+    """The closing chunk of a stream that the server ends itself."""
+    return {**last, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+
+
 class Generation:
     """Runs create_chat_completion(stream=True) in a worker thread, handing chunks to the loop.
 
@@ -950,9 +1323,11 @@ class Generation:
     """
 
     def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats,
-                 worker: concurrent.futures.Executor, shutdown: Shutdown, wake_interval: float) -> None:
+                 worker: concurrent.futures.Executor, shutdown: Shutdown, wake_interval: float,
+                 time_limit: float = 0.0) -> None:
         self._llm, self._kwargs, self._release, self.stats = llm, kwargs, release, stats
         self._shutdown, self._wake_interval = shutdown, wake_interval
+        self._time_limit = time_limit or math.inf
         self._loop = asyncio.get_running_loop()
         self._ready: collections.deque = collections.deque()
         self._woken = asyncio.Event()
@@ -968,12 +1343,16 @@ class Generation:
 
     def _run(self) -> None:
         chunks, next_wake = None, 0.0
+        deadline = time.monotonic() + self._time_limit
         try:
             chunks = self._llm.create_chat_completion(stream=True, **self._kwargs)
             for chunk in chunks:
                 if self._cancelled.is_set():
                     break
                 self._ready.append(chunk)
+                if time.monotonic() > deadline and chunk["choices"][0]["finish_reason"] is None:
+                    self._ready.append(_finish_chunk(chunk, "length"))  # MAX_GENERATION_SECONDS passed
+                    break
                 if (now := time.monotonic()) >= next_wake:
                     self._wake()
                     if chunk["choices"][0]["delta"].get("content"):  # the first token goes out at once
@@ -1025,21 +1404,11 @@ class Generation:
         return chunks
 
 
-def completion_kwargs(req: ChatRequest, model_name: str) -> dict[str, Any]:
-    """create_chat_completion keyword arguments; response_format becomes a llama.cpp grammar."""
+def completion_kwargs(req: ChatRequest, model_name: str, grammar: llama_grammar.LlamaGrammar | None) -> dict[str, Any]:
+    """create_chat_completion keyword arguments; `grammar` comes checked from build_grammar()."""
     kwargs = {"messages": req.messages, "model": model_name, **req.params}
-    fmt = req.response_format
-    if fmt is None:
-        return kwargs
-    try:
-        if fmt["type"] == "json_object":
-            kwargs["grammar"] = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
-        else:
-            schema = json.dumps(fmt["json_schema"].get("schema", {}))
-            kwargs["grammar"] = llama_grammar.LlamaGrammar.from_json_schema(schema, verbose=False)
-    except Exception as exc:
-        raise _bad(f"The JSON schema cannot be turned into a grammar: {exc}",
-                   "response_format.json_schema.schema") from None
+    if grammar is not None:
+        kwargs["grammar"] = grammar
     return kwargs
 
 
@@ -1229,13 +1598,21 @@ async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
     raise ClientDisconnected
 
 
+def _grammar_param(fmt: dict) -> str:
+    return "response_format.json_schema.schema" if fmt["type"] == "json_schema" else "response_format"
+
+
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_chat_request(body, state.settings, state.n_vocab)
     if state.settings.allow_remote_images and req.images:
         await asyncio.to_thread(fetch_remote_images, req.messages, state.settings)
-    kwargs = completion_kwargs(req, state.settings.model_name)
+    grammar = None
+    if req.response_format is not None:  # off the loop: a large schema takes a while to convert and check
+        grammar = await asyncio.to_thread(build_grammar, req.response_format, _grammar_param(req.response_format),
+                                          state.settings.max_grammar_branches, state.check_native_grammar)
+    kwargs = completion_kwargs(req, state.settings.model_name, grammar)
     n_ctx = state.llm.n_ctx()
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
@@ -1243,7 +1620,7 @@ async def chat_completions(request: Request) -> Response:
         stats = request.state.stats = Stats()
         wake_interval = STREAM_WAKE_INTERVAL if req.stream else math.inf  # a JSON answer needs only the end
         generation = Generation(state.llm, kwargs, state.gate.release, stats, state.worker, state.shutdown,
-                                wake_interval)
+                                wake_interval, state.settings.max_generation_seconds)
         try:
             first = await unless_disconnected(generation.next_chunks(), disconnected)
             if not first:
@@ -1323,6 +1700,7 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
         app.state.worker = worker
         app.state.n_vocab = llm.n_vocab()
+        app.state.check_native_grammar = NativeGrammarCheck(llama_cpp.llama_model_get_vocab(llm.model))
         app.state.shutdown = Shutdown(settings.shutdown_grace)
         app.state.shutdown.begin_on_signals()
         auth.configure(settings.api_keys)
@@ -1353,7 +1731,10 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
+    """Log lines go to a duplicate of fd 2: NativeGrammarCheck points fd 2 elsewhere for a moment."""
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper(),
+                        stream=stream)
 
 
 class _Server(uvicorn.Server):

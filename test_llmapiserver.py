@@ -36,6 +36,10 @@ GREEDY = {"temperature": 0, "seed": 7}
 #: SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>): banning them forces long output.
 NO_EOS = {"0": -100, "2": -100}
 N_CTX = 2048  # the main test server's context
+#: The main test server and the reference model run with flash attention on. Without it llama.cpp's
+#: CPU attention gives logits that depend on how the prompt was split into batches (a prompt-cache hit
+#: re-evaluates only the last token), so a greedy answer could depend on the request before it.
+SERVER_FLASH_ATTN = True
 
 
 ###############################################################################
@@ -110,7 +114,7 @@ def model_path() -> str:
 
 @pytest.fixture(scope="session")
 def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", str(N_CTX), "--max-queue", "8"]
+    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", str(N_CTX), "--max-queue", "8", "--flash-attn", "on"]
     with running_server(tmp_path_factory.mktemp("text"), args) as proc:
         yield proc
 
@@ -690,7 +694,9 @@ STARTUP_ERRORS = [
     pytest.param(["--model-type", "VL"], {}, "needs MMPROJ_PATH", id="vl-without-mmproj"),
     pytest.param(["--model-type", "XX"], {}, "use LLM or VL", id="bad-type"),
     pytest.param(["--n-ctx", "many"], {}, "N_CTX", id="bad-number"),
-    pytest.param([], {"N_THREADS": "0"}, "N_THREADS", id="bad-env-number"),
+    pytest.param([], {"N_THREADS": "-1"}, "N_THREADS", id="bad-env-number"),
+    pytest.param(["--flash-attn", "maybe"], {}, "FLASH_ATTN", id="bad-flash-attn"),
+    pytest.param([], {"MAX_GENERATION_SECONDS": "nan"}, "MAX_GENERATION_SECONDS", id="bad-float"),
     pytest.param(["--host", "0.0.0.0"], {}, "without API keys", id="public-without-keys"),
     pytest.param(["--api-keys-file", "/nonexistent/keys"], {}, "cannot be read", id="missing-keys-file"),
 ]
@@ -729,8 +735,63 @@ def test_flags_win_over_env_and_defaults(model_path: str) -> None:
     assert "key-a" not in repr(settings)  # keys stay out of logs and tracebacks
     default = las.load_settings([], {})
     assert default.model_type == "LLM" and default.model_path == model_path
-    assert default.n_threads == os.cpu_count() and default.n_gpu_layers == -1 and default.max_queue == 16
+    assert default.n_threads == las.physical_cores() and default.n_gpu_layers == -1 and default.max_queue == 16
+    assert default.flash_attn == "auto"
     assert default.model_name == "SmolLM2-135M-Instruct.Q4_1"
+
+
+FLASH_ATTN_DECISIONS = [
+    # setting, GPU build, N_GPU_LAYERS, flash attention on
+    ("auto", True, -1, True),
+    ("auto", True, 12, True),
+    ("auto", True, 0, False),
+    ("auto", False, -1, False),
+    ("auto", False, 0, False),
+    ("on", False, 0, True),
+    ("off", True, -1, False),
+]
+
+
+@pytest.mark.parametrize("setting, gpu_build, layers, on", FLASH_ATTN_DECISIONS)
+def test_flash_attn_auto_is_on_only_where_layers_run_on_a_gpu(setting: str, gpu_build: bool, layers: int,
+                                                              on: bool) -> None:
+    chosen, why = las.choose_flash_attn(setting, gpu_build, layers)
+    assert chosen is on
+    assert why.startswith("auto: " if setting == "auto" else "FLASH_ATTN=")
+
+
+@pytest.mark.parametrize("raw, value", [("auto", "auto"), ("AUTO", "auto"), ("on", "on"), ("off", "off"),
+                                        ("1", "on"), ("true", "on"), ("yes", "on"), ("0", "off"),
+                                        ("false", "off"), ("no", "off")])
+def test_flash_attn_takes_auto_on_off_and_the_old_booleans(model_path: str, raw: str, value: str) -> None:
+    assert las.load_settings(["--flash-attn", raw], {}).flash_attn == value
+    assert las.load_settings([], {"FLASH_ATTN": raw}).flash_attn == value
+
+
+def test_flash_attn_flag_alone_means_on(model_path: str) -> None:
+    assert las.load_settings(["--flash-attn"], {}).flash_attn == "on"
+
+
+CPUINFO_2_CORES_4_THREADS = "".join(
+    f"processor\t: {cpu}\nmodel name\t: Test CPU\nphysical id\t: 0\ncore id\t\t: {cpu % 2}\n\n" for cpu in range(4))
+
+
+@pytest.mark.parametrize("cpuinfo, allowed, cores", [
+    (CPUINFO_2_CORES_4_THREADS, {0, 1, 2, 3}, 2),  # hyperthreads share a core
+    (CPUINFO_2_CORES_4_THREADS, {0, 2}, 1),  # both threads of core 0 only
+    (CPUINFO_2_CORES_4_THREADS, {0, 1}, 2),
+    ("processor\t: 0\nprocessor\t: 1\nprocessor\t: 2\n", {0, 1, 2}, 3),  # no topology: every CPU counts
+])
+def test_default_threads_are_physical_cores(cpuinfo: str, allowed: set[int], cores: int) -> None:
+    assert las.physical_cores(cpuinfo, allowed) == cores
+
+
+def test_startup_log_says_which_flash_attention_and_why(vl_server: ServerProcess, server: ServerProcess) -> None:
+    import llama_cpp
+
+    on, why = las.choose_flash_attn("auto", llama_cpp.llama_supports_gpu_offload(), -1)
+    assert f"flash attention {'on' if on else 'off'} ({why})" in vl_server.log()  # the defaults
+    assert "flash attention on (FLASH_ATTN=on)" in server.log()
 
 
 def test_public_host_needs_keys_or_explicit_flag(model_path: str, tmp_path: Path) -> None:
@@ -820,8 +881,8 @@ def reference(model_path: str):
     """Plain llama-cpp-python, its own tokenizer, the server's settings: the expected answers."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_threads=os.cpu_count(), flash_attn=True,
-                           verbose=False)
+    return llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_threads=las.physical_cores(),
+                           flash_attn=SERVER_FLASH_ATTN, verbose=False)
 
 
 def expected(reference, messages: list[dict], **kwargs) -> dict:
@@ -871,11 +932,24 @@ def test_long_output_counts_equal_llama_cpp_python(client: openai.OpenAI, refere
     assert "".join(pieces) == want["choices"][0]["message"]["content"]
 
 
-def test_json_schema_answer_equals_llama_cpp_python(client: openai.OpenAI, reference) -> None:
+SCHEMAS_THAT_WORKED_BEFORE = [
+    pytest.param({"type": "object", "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
+                  "required": ["city", "people"]}, id="plain"),
+    pytest.param({"type": "object", "properties": {"city": {"type": "string", "minLength": 2, "maxLength": 12},
+                                                   "tags": {"type": "array", "items": {"type": "string"},
+                                                            "minItems": 1, "maxItems": 3}},
+                  "required": ["city", "tags"]}, id="bounded-string-and-array"),
+    pytest.param({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2,3}-[0-9]{1,4}$"}},
+                  "required": ["code"]}, id="pattern-with-bounds"),
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS_THAT_WORKED_BEFORE)
+def test_json_schema_answer_equals_llama_cpp_python(client: openai.OpenAI, reference, schema: dict) -> None:
+    """The server writes bounds as {m,n} where llama-cpp-python nests optional groups: the same
+    language, so the same greedy answers as llama-cpp-python's own converter."""
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
-              "required": ["city", "people"]}
     messages = [{"role": "user", "content": "Describe Paris as JSON."}]
     want = expected(reference, messages, max_tokens=40, grammar=LlamaGrammar.from_json_schema(json.dumps(schema),
                                                                                              verbose=False))
@@ -937,9 +1011,9 @@ def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: P
     llm = las.load_model(las.load_settings(["--mmproj-path", str(mmproj), "--n-ctx", "512"], {}))
     req = las.validate_chat_request({"messages": image_message(data_url(png_bytes(32, 32))), "max_tokens": 20,
                                      "temperature": 0}, las.Settings(model_type="VL"))
-    fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
+    fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None)))
     llm.tokenizer_ = LlamaTokenizer(llm)
-    slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m")))
+    slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None)))
     llm.close()
     assert [c["choices"][0]["delta"] for c in fast] == [c["choices"][0]["delta"] for c in slow]
 
@@ -948,11 +1022,11 @@ def test_logprobs_equal_llama_cpp_python(model_path: str, tmp_path: Path) -> Non
     import llama_cpp
 
     messages = [{"role": "user", "content": "Name a fruit."}]
-    ref = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=os.cpu_count(), flash_attn=True,
+    ref = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=las.physical_cores(), flash_attn=SERVER_FLASH_ATTN,
                           logits_all=True, verbose=False)
     want = expected(ref, messages, max_tokens=6, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"]
     ref.close()
-    with running_server(tmp_path, ["--logprobs", "--n-ctx", "512"]) as proc:
+    with running_server(tmp_path, ["--logprobs", "--n-ctx", "512", "--flash-attn", "on"]) as proc:
         client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0)
         got = client.chat.completions.create(model="x", messages=messages, max_tokens=6, logprobs=True,
                                              top_logprobs=2, **GREEDY).choices[0].logprobs.content
@@ -1243,3 +1317,190 @@ def test_uvicorn_module_app_also_ends_a_long_stream_with_an_error_event(model_pa
     assert proc.process.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has stopped
     proc.log_file.close()
     assert "model unloaded" in proc.log() and "without completing response" not in proc.log()
+
+
+###############################################################################
+# Grammars: nothing a schema says can crash the server or hold the model
+###############################################################################
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+def one_property(prop: dict) -> dict:
+    return {"type": "object", "properties": {"a": prop}, "required": ["a"]}
+
+
+#: Each of these killed the process with SIGSEGV before (issue 9), or held the model for 22 s.
+SCHEMAS_OVER_THE_LIMITS = [
+    pytest.param(one_property({"type": "string", "maxLength": 100000}), "maxLength", id="maxLength-100000"),
+    pytest.param(one_property({"type": "string", "minLength": 5000, "maxLength": 10000}), "minLength",
+                 id="minLength-5000"),
+    pytest.param(one_property({"type": "array", "maxItems": 50000,
+                               "items": one_property({"type": "string", "minLength": 50})}), "maxItems",
+                 id="maxItems-50000"),
+    pytest.param(one_property({"type": "string", "pattern": "^(a|b){1,2001}$"}), "pattern", id="pattern-2001"),
+    pytest.param(one_property({"enum": [f"value-{i}" for i in range(20000)]}), "MAX_GRAMMAR_BRANCHES",
+                 id="enum-20000"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("schema, keyword", SCHEMAS_OVER_THE_LIMITS)
+def test_schema_over_the_limits_is_a_400_naming_it(server: ServerProcess, http: httpx.Client, schema: dict,
+                                                   keyword: str, stream: bool) -> None:
+    started = time.monotonic()
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=8), "stream": stream,
+                                                       "response_format": schema_format(schema)})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema" and error["code"] == "invalid_schema"
+    assert keyword in error["message"]
+    assert time.monotonic() - started < 10
+    assert http.get("/health").status_code == 200
+    assert http.post("/v1/chat/completions", json=ask(max_tokens=2)).status_code == 200
+    # llama.cpp prints the grammar it refuses to stderr: none of it reaches the server's output.
+    assert "::=" not in server.log() and "error parsing grammar" not in server.log()
+
+
+def test_long_bounded_pattern_within_the_limit_is_answered(http: httpx.Client) -> None:
+    """^(a|b){1,2000}$ crashed the server before; {m,n} up to llama.cpp's 2,000 is enforced."""
+    schema = one_property({"type": "string", "pattern": "^(a|b){1,2000}$"})
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=12),
+                                                       "response_format": schema_format(schema)})
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["message"]["content"]
+    assert re.fullmatch(r'\{ ?"a" ?: ?"[ab]*("\s*\})?', content.strip()), content
+
+
+def test_enum_of_a_few_hundred_values_passes(http: httpx.Client) -> None:
+    values = [f"city-{i}" for i in range(300)]
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=16),
+                                                       "response_format": schema_format(one_property({"enum": values}))})
+    assert response.status_code == 200, response.text
+    if response.json()["choices"][0]["finish_reason"] == "stop":
+        assert json.loads(response.json()["choices"][0]["message"]["content"])["a"] in values
+
+
+REPETITIONS = [
+    # min, max, separator -> GBNF
+    (0, 1, None, "x?"),
+    (1, None, None, "x+"),
+    (0, None, None, "x*"),
+    (3, None, None, "x{3,}"),
+    (2, 5, None, "x{2,5}"),
+    (4, 4, None, "x{4}"),
+    (0, 0, None, ""),
+    (0, 3, '","', '(x ("," x){0,2})?'),
+    (1, 3, '","', 'x ("," x){0,2}'),
+    (2, None, '","', 'x ("," x)+'),
+    (0, None, '","', '(x ("," x)*)?'),
+]
+
+
+@pytest.mark.parametrize("low, high, separator, gbnf", REPETITIONS)
+def test_bounded_repetition_writes_gbnf_bounds(low: int, high: int | None, separator: str | None, gbnf: str) -> None:
+    assert las._bounded_repetition("x", low, high, separator) == gbnf
+
+
+@pytest.mark.parametrize("grammar, branches", [
+    ('root ::= "a" | "b" | "c"', 3),
+    ("root ::= x y\nx ::= [a-z] | [0-9]\ny ::= \"!\"", 2),
+    ('root ::= x? "z"\nx ::= "a" | "b"', 3),  # x may be empty: "z" is a choice at the start too
+    ('root ::= ("a" | "b" | ("c" | "d"))', 4),
+    ('root ::= item ("," item)*\nitem ::= "1" | "2" | root', 3),  # a cycle counts once
+    (las.llama_grammar.JSON_GBNF, None),
+])
+def test_grammar_branches_counts_choices_at_one_point(grammar: str, branches: int | None) -> None:
+    counted = las.grammar_branches(las.parse_gbnf(grammar))
+    assert counted == branches if branches is not None else 1 <= counted <= 20
+
+
+def test_grammar_nesting_past_the_limit_is_refused_before_llama_cpp() -> None:
+    deep = "root ::= " + "(" * (las.MAX_GRAMMAR_DEPTH + 1) + '"a"' + ")" * (las.MAX_GRAMMAR_DEPTH + 1)
+    with pytest.raises(las.GrammarError, match="nests deeper"):
+        las.parse_gbnf(deep)
+    ok = "root ::= " + "(" * 50 + '"a"' + ")" * 50
+    assert las.grammar_branches(las.parse_gbnf(ok)) == 1
+
+
+def test_schema_bounds_name_the_keyword_and_where() -> None:
+    schema = {"type": "object", "properties": {"minLength": {"type": "string"},  # a property named like a keyword
+                                               "items": {"type": "array", "items": {"type": "string",
+                                                                                    "maxLength": 2001}}}}
+    with pytest.raises(las.GrammarError, match=r"'maxLength': 2001 at properties\.items\.items"):
+        las.json_schema_grammar(schema)
+    schema["properties"]["items"]["items"]["maxLength"] = 2000
+    assert "{0,2000}" in las.json_schema_grammar(schema)
+
+
+def test_native_check_turns_a_refused_grammar_into_an_error_and_prints_nothing(vocab, capfd) -> None:
+    import llama_cpp
+
+    check = las.NativeGrammarCheck(llama_cpp.llama_model_get_vocab(vocab.model))
+    check('root ::= ("a" [0-9]{1,10}){0,5}')  # taken
+    with pytest.raises(las.GrammarError, match="llama.cpp refused the grammar: number of rules"):
+        check('root ::= ("a" [0-9]{1,10}){1,300}')  # the repeated group holds 10 rules: 3,000 > 2,000
+    with pytest.raises(las.GrammarError, match="llama.cpp refused"):
+        check('root ::= undefined-rule')
+    out, err = capfd.readouterr()
+    assert "::=" not in out + err
+    print("fd 2 works again", file=sys.stderr)
+    assert "fd 2 works again" in capfd.readouterr().err
+
+
+def test_generation_time_limit_ends_with_length(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--max-generation-seconds", "1", "--n-threads", "1"]) as proc:
+        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for stream in (False, True):
+            started = time.monotonic()
+            kwargs = dict(model="x", messages=USER, max_tokens=5000, logit_bias=NO_EOS, **GREEDY)
+            if stream:
+                chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                             **kwargs))
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                usage = chunks[-1].usage
+            else:
+                answer = client.chat.completions.create(**kwargs)
+                finish, usage = [answer.choices[0].finish_reason], answer.usage
+            assert finish == ["length"]
+            assert 0 < usage.completion_tokens < 5000
+            assert time.monotonic() - started < 4
+
+
+def schema_strategy() -> st.SearchStrategy:
+    """JSON schemas as clients write them, with bounds up to 10^6, patterns with repetitions, enums, $ref."""
+    bound = st.integers(min_value=0, max_value=10**6)
+    small = st.integers(min_value=0, max_value=30)
+    leaf = st.one_of(
+        st.fixed_dictionaries({"type": st.just("string")}, optional={"minLength": small | bound,
+                                                                     "maxLength": small | bound}),
+        st.fixed_dictionaries({"type": st.sampled_from(["integer", "number"])},
+                              optional={"minimum": st.integers(-100, 100), "maximum": st.integers(-100, 100)}),
+        st.builds(lambda q: {"type": "string", "pattern": f"^(ab|c){{{q[0]},{q[0] + q[1]}}}$"},
+                  st.tuples(st.integers(0, 3000), st.integers(0, 3000))),
+        st.builds(lambda n: {"enum": [f"v{i}" for i in range(n)]}, st.integers(1, 3000)),
+        st.just({"type": "boolean"}), st.just({"$ref": "#/$defs/thing"}), st.just({}),
+    )
+    schema = st.recursive(leaf, lambda inner: st.one_of(
+        st.builds(lambda props: {"type": "object", "properties": props, "required": list(props)[:1]},
+                  st.dictionaries(st.sampled_from(["a", "b", "c", "minLength", "items"]), inner, min_size=1,
+                                  max_size=3)),
+        st.fixed_dictionaries({"type": st.just("array"), "items": inner},
+                              optional={"minItems": small | bound, "maxItems": small | bound}),
+        st.builds(lambda options: {"anyOf": options}, st.lists(inner, min_size=1, max_size=3)),
+    ), max_leaves=6)
+    return schema.map(lambda s: {**s, "$defs": {"thing": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+                      if isinstance(s, dict) and s.get("type") == "object" else s)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=schema_strategy(), stream=st.booleans())
+def test_any_schema_gets_200_or_a_400_and_the_server_lives(http: httpx.Client, schema: dict, stream: bool) -> None:
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=4), "stream": stream,
+                                                       "response_format": schema_format(schema)})
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert http.get("/health", timeout=5).status_code == 200

@@ -7,15 +7,20 @@
     $ python bench/bench.py --llama-server /path/to/llama-server    # adds llama.cpp's own server
 
 Each round runs every variant once, one after another (never two generations at once):
-  loop        a bare Llama.generate() loop: the model's own cost and nothing else
+  loop        a bare Llama.generate() loop with the server's settings: the model's own cost
+  loop-default  the same loop with llama-cpp-python's own defaults (threads, flash attention)
   inprocess   Llama.create_chat_completion(stream=True), what the server calls
   floor       a do-nothing raw-socket HTTP server around that same call (bench/floor_server.py)
   server      llmapiserver over HTTP, SSE streaming
   server-json llmapiserver over HTTP, non-streaming
-  llama-server  llama.cpp's C++ server over HTTP, streaming (only with --llama-server: build it from
-              the llama.cpp sources vendored in the installed llama-cpp-python, see bench/README.md)
+  llama-server  llama.cpp's C++ server over HTTP, streaming, with the server's settings (only with
+              --llama-server: build it from the llama.cpp sources vendored in the installed
+              llama-cpp-python, see bench/README.md)
+  llama-server-default  the same binary with its own defaults (model, context and GPU layers only)
 Greedy decoding, a fixed seed, and the end-of-generation tokens banned (logit_bias, in every
-variant) so each run produces exactly --tokens tokens. Prints medians and the ratios.
+variant) so each run produces exactly --tokens tokens. Prints medians and the ratios; the headline
+ratios are against the best baseline of each round, not the one with matching settings: a setting
+that slows both sides of a ratio would not show in it.
 """
 
 from __future__ import annotations
@@ -147,15 +152,32 @@ def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
     raise SystemExit(f"{name} did not start")
 
 
-def llama_server_command(binary: str, settings: las.Settings, port: int) -> list[str]:
-    """llama.cpp's server with the settings llmapiserver gets: one slot, same context, threads,
-    batch, layers and flash attention."""
+def llama_server_command(binary: str, settings: las.Settings, port: int, flash_attn: bool | None) -> list[str]:
+    """llama.cpp's server: with flash_attn None at its own defaults (model, context and layers
+    only), else with the settings llmapiserver gets: one slot, same threads, batch and flash attention."""
     layers = "all" if settings.n_gpu_layers < 0 else str(settings.n_gpu_layers)
-    return [binary, "--model", settings.model_path, "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", str(settings.n_ctx), "--batch-size", str(settings.n_batch),
-            "--threads", str(settings.n_threads), "--threads-batch", str(settings.n_threads),
-            "--n-gpu-layers", layers, "--flash-attn", "on" if settings.flash_attn else "off",
-            "--parallel", "1", "--no-webui"]
+    cmd = [binary, "--model", settings.model_path, "--host", "127.0.0.1", "--port", str(port),
+           "--ctx-size", str(settings.n_ctx), "--n-gpu-layers", layers, "--no-webui"]
+    if flash_attn is None:
+        return cmd
+    return cmd + ["--batch-size", str(settings.n_batch), "--threads", str(settings.n_threads),
+                  "--threads-batch", str(settings.n_threads), "--flash-attn", "on" if flash_attn else "off",
+                  "--parallel", "1"]
+
+
+def machine() -> str:
+    """CPU model, cores, and the GPU if the layers run on one: every figure names its machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    gpu = "none (CPU-only build)"
+    if llama_cpp.llama_supports_gpu_offload():
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, check=True).stdout.strip() or "GPU build, no GPU named"
+    return (f"CPU {cpu} ({simd}), {os.cpu_count()} logical CPUs, {las.physical_cores()} physical cores; "
+            f"GPU {gpu}")
 
 
 def rss_mb(pid: int) -> float:
@@ -178,36 +200,39 @@ def median(runs: list[Run], attr: str) -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
 
-def single_stream(args, llm, settings, bias, urls) -> None:
+def single_stream(args, llm, default_llm, settings, bias, urls) -> None:
     template = llm.metadata["tokenizer.chat_template"]
     formatter = llama_chat_format.Jinja2ChatFormatter(template, eos_token="", bos_token="")
     prompt = llm.tokenize(formatter(messages=[{"role": "user", "content": PROMPT}]).prompt.encode(), special=True)
     with httpx.Client(timeout=600) as client:
         for tokens in args.tokens:
             results: dict[str, list[Run]] = {
-                k: [] for k in ("loop", "inprocess", "floor", "server", "server-json", "llama-server")}
+                k: [] for k in ("loop", "loop-default", "inprocess", "floor", "server", "server-json",
+                                "llama-server", "llama-server-default")}
             run_json(client, urls["server"], 8, bias)  # warm every server
-            for name in ("floor", "llama-server"):
+            for name in ("floor", "llama-server", "llama-server-default"):
                 if name in urls:
                     run_stream(client, urls[name], 8, bias)
             for _ in range(args.rounds):
                 results["loop"].append(run_loop(llm, prompt, tokens, bias))
+                results["loop-default"].append(run_loop(default_llm, prompt, tokens, bias))
                 results["inprocess"].append(run_inprocess(llm, tokens, bias))
                 results["floor"].append(run_stream(client, urls["floor"], tokens, bias))
                 results["server"].append(run_stream(client, urls["server"], tokens, bias))
                 if not args.no_json:
                     results["server-json"].append(run_json(client, urls["server"], tokens, bias))
-                if "llama-server" in urls:
-                    results["llama-server"].append(run_stream(client, urls["llama-server"], tokens, bias))
+                for name in ("llama-server", "llama-server-default"):
+                    if name in urls:
+                        results[name].append(run_stream(client, urls[name], tokens, bias))
             report(tokens, results, args.rounds)
 
 
 def report(tokens: int, results: dict[str, list[Run]], rounds: int) -> None:
     print(f"\n## {tokens} tokens, medians of {rounds} interleaved rounds")
-    print(f"{'variant':<13} {'decode tok/s':>12} {'ttft ms':>8} {'total s':>8}")
+    print(f"{'variant':<20} {'decode tok/s':>12} {'ttft ms':>8} {'total s':>8}")
     for name, runs in results.items():
-        if runs:
-            print(f"{name:<13} {median(runs, 'decode'):>12.1f} {median(runs, 'ttft') * 1000:>8.1f} "
+        if runs and not name.startswith("best-"):
+            print(f"{name:<20} {median(runs, 'decode'):>12.1f} {median(runs, 'ttft') * 1000:>8.1f} "
                   f"{median(runs, 'total'):>8.2f}")
     # Ratios are taken within each round, then the median: the machine's speed drifts between rounds.
     def ratio(a: str, b: str, attr: str = "decode") -> float:
@@ -216,6 +241,19 @@ def report(tokens: int, results: dict[str, list[Run]], rounds: int) -> None:
     def overhead_ms(a: str, b: str) -> float:
         return statistics.median((x.ttft - y.ttft) * 1000 for x, y in zip(results[a], results[b]))
 
+    def best(*names: str) -> None:  # the fastest of these baselines, round by round
+        key = "best-" + names[0]
+        results[key] = [max(runs, key=lambda r: r.decode) for runs in zip(*(results[n] for n in names))]
+
+    best("loop", "loop-default")
+    print(f"HEADLINE server stream decode / best loop : {ratio('server', 'best-loop'):.3f}")
+    if results["server-json"]:
+        print(f"HEADLINE server JSON tok/s / best loop    : {ratio('server-json', 'best-loop'):.3f}")
+    if results["llama-server-default"]:
+        best("llama-server", "llama-server-default")
+        print(f"HEADLINE server stream / best llama-server: {ratio('server', 'best-llama-server'):.3f}")
+        print(f"HEADLINE ttft server - best llama-server  : {overhead_ms('server', 'best-llama-server'):.1f} ms")
+    print(f"loop with server settings / loop defaults : {ratio('loop', 'loop-default'):.3f}")
     print(f"server stream decode / in-process stream  : {ratio('server', 'inprocess'):.3f}")
     print(f"server stream decode / floor server       : {ratio('server', 'floor'):.3f}")
     print(f"server stream decode / generate() loop    : {ratio('server', 'loop'):.3f}")
@@ -226,6 +264,7 @@ def report(tokens: int, results: dict[str, list[Run]], rounds: int) -> None:
         print(f"server non-stream tok/s / generate() loop : {ratio('server-json', 'loop'):.3f}")
         print(f"non-stream latency / in-process stream    : {ratio('server-json', 'inprocess', 'total'):.3f}")
     if results["llama-server"]:
+        print(f"llama-server defaults / its server settings: {ratio('llama-server-default', 'llama-server'):.3f}")
         print(f"server stream decode / llama-server       : {ratio('server', 'llama-server'):.3f}")
         print(f"llama-server decode / generate() loop     : {ratio('llama-server', 'loop'):.3f}")
         print(f"time to first token, server - llama-server: {overhead_ms('server', 'llama-server'):.1f} ms")
@@ -276,17 +315,21 @@ def main() -> None:
 
     settings = las.load_settings(["--n-ctx", str(args.n_ctx), "--n-gpu-layers", str(args.n_gpu_layers),
                                   "--max-queue", str(max(16, args.concurrency))])
+    flash_attn, why = las.choose_flash_attn(settings.flash_attn, llama_cpp.llama_supports_gpu_offload(),
+                                            settings.n_gpu_layers)
     model_args = dict(model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                       n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
-                      n_gpu_layers=settings.n_gpu_layers, flash_attn=settings.flash_attn)
-    print(f"model {settings.model_path}\nthreads {settings.n_threads}, n_ctx {settings.n_ctx}, "
-          f"flash_attn {settings.flash_attn}, n_gpu_layers {settings.n_gpu_layers}, "
-          f"llama-cpp-python {llama_cpp.__version__}, cores {os.cpu_count()}")
+                      n_gpu_layers=settings.n_gpu_layers, flash_attn=flash_attn)
+    # llama-cpp-python's defaults, but for what no one leaves at its default: the file, the context, the GPU.
+    default_args = dict(model_path=settings.model_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers)
+    print(f"machine: {machine()}\nmodel {settings.model_path}\nserver settings: threads {settings.n_threads}, "
+          f"n_ctx {settings.n_ctx}, flash_attn {flash_attn} ({why}), n_gpu_layers {settings.n_gpu_layers}, "
+          f"llama-cpp-python {llama_cpp.__version__}")
     server_env = {"MODEL_PATH": settings.model_path, "N_CTX": str(args.n_ctx), "N_GPU_LAYERS": str(args.n_gpu_layers),
                   "MAX_QUEUE": str(max(16, args.concurrency)), "LOG_LEVEL": "warning"}
     server = start([sys.executable, str(ROOT / "llmapiserver.py"), "--port", str(args.port)], server_env, args.port)
     urls = {"server": f"http://127.0.0.1:{args.port}/v1/chat/completions"}
-    floor = cpp_server = None
+    floor, cpp_servers = None, []
     try:
         if args.concurrency:
             llm = llama_cpp.Llama(model_path=settings.model_path, vocab_only=True, verbose=False)
@@ -297,17 +340,20 @@ def main() -> None:
                            json.dumps(model_args)], {}, floor_port)
             urls["floor"] = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
             if args.llama_server:
-                cpp_port = args.port + 2
-                cpp_server = start(llama_server_command(args.llama_server, settings, cpp_port), {}, cpp_port)
-                urls["llama-server"] = f"http://127.0.0.1:{cpp_port}/v1/chat/completions"
+                for offset, (name, fa) in enumerate((("llama-server", flash_attn), ("llama-server-default", None))):
+                    cpp_port = args.port + 2 + offset
+                    cpp_servers.append(start(llama_server_command(args.llama_server, settings, cpp_port, fa), {},
+                                             cpp_port))
+                    urls[name] = f"http://127.0.0.1:{cpp_port}/v1/chat/completions"
             llm = llama_cpp.Llama(verbose=False, **model_args)
-            single_stream(args, llm, settings, ban_eog(llm), urls)
+            default_llm = llama_cpp.Llama(verbose=False, **default_args)
+            single_stream(args, llm, default_llm, settings, ban_eog(llm), urls)
         server_rss = rss_mb(server.pid)
         base_rss = model_only_rss(model_args, 16)
         print(f"\nserver RSS {server_rss:.0f} MB; a bare process with the same model {base_rss:.0f} MB; "
               f"beyond the model: {server_rss - base_rss:.0f} MB")
     finally:
-        for proc in (server, floor, cpp_server):
+        for proc in (server, floor, *cpp_servers):
             if proc is not None:
                 proc.terminate()
                 proc.wait()
