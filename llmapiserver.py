@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import http.client
@@ -106,6 +107,9 @@ class Settings:
     model_type: str = _opt("", "LLM or VL; empty means VL when MMPROJ_PATH is set, else LLM")
     model_name: str = _opt("", "model id in responses and /v1/models; empty means the file's stem")
     chat_format: str = _opt("mtmd", f"vision chat handler: {', '.join(VISION_HANDLERS)}")
+    chat_template_file: str = _opt("", "Jinja chat template that replaces the model's own (tool support, fixes)")
+    reasoning_format: str = _opt("auto", "auto: <think> blocks become reasoning_content where the template "
+                                 "uses them; none: left in the text")
     api_keys: tuple[str, ...] = _opt((), "comma-separated Bearer keys; none: auth off (loopback only)", repr=False)
     api_keys_file: str = _opt("", "file with one API key a line, added to API_KEYS")
     allow_no_auth: bool = _opt(False, "serve without API keys on a non-loopback HOST (dangerous)")
@@ -219,6 +223,10 @@ def _resolve(s: Settings) -> Settings:
             raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
     if s.port > 65535:
         raise ConfigError(f"PORT has value {s.port}: must be <= 65535")
+    if s.chat_template_file:
+        _check_file("CHAT_TEMPLATE_FILE", s.chat_template_file)
+    if s.reasoning_format not in ("auto", "none"):
+        raise ConfigError(f"REASONING_FORMAT has value {s.reasoning_format!r}: use auto or none")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL has value {s.log_level!r}: use debug, info, warning or error")
     keys = s.api_keys + _read_keys_file(s.api_keys_file)
@@ -351,7 +359,9 @@ def _bad(message: str, param: str | None, code: str | None = "invalid_value") ->
 # Validation ##################################################################
 ###############################################################################
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 INT32_MAX = 2**31 - 1
@@ -367,6 +377,12 @@ class ChatRequest:
     include_usage: bool = False
     response_format: dict | None = None
     images: int = 0
+    tools: list[dict] = field(default_factory=list)  # the "function" objects: name, description, parameters
+    tool_choice: str = "none"  # none, auto, required, or "function" (a named one)
+    tool_name: str | None = None  # the named choice's function
+    parallel_tool_calls: bool = True
+    legacy_functions: bool = False  # asked with functions/function_call: answer with function_call
+    template_kwargs: dict = field(default_factory=dict)
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -426,9 +442,82 @@ def validate_chat_request(body: Any, settings: Settings, n_vocab: int = INT32_MA
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         req.include_usage = _flag(options, "include_usage", "stream_options.include_usage")
     req.response_format = _validate_response_format(body.get("response_format"))
-    if body.get("tools") or body.get("functions"):
-        raise _bad("Tool and function calling are not supported by this server", "tools", "unsupported")
+    _validate_tools(body, req)
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+    req.template_kwargs = {key: value for key, value in (kwargs or {}).items()
+                           if key not in _TEMPLATE_RESERVED}
     return req
+
+
+#: Names the chat template is rendered with by the server itself: chat_template_kwargs cannot replace them.
+_TEMPLATE_RESERVED = ("messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
+                      "bos_token", "eos_token", "raise_exception", "strftime_now")
+
+
+def _validate_tools(body: dict, req: ChatRequest) -> None:
+    """tools / tool_choice / parallel_tool_calls, or the legacy functions / function_call."""
+    tools, choice, prefix = body.get("tools"), body.get("tool_choice"), "tools"
+    if body.get("functions") is not None and tools is None:  # the legacy spelling of the same thing
+        if not isinstance(body["functions"], list):
+            raise _bad("'functions' must be a list of function objects", "functions", "invalid_type")
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+        choice, prefix, req.legacy_functions = body.get("function_call"), "functions", True
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be a list of tool objects", "tools", "invalid_type")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"{prefix}[{i}]" if prefix == "functions" else f"tools[{i}].function"
+        if prefix == "tools" and (not isinstance(tool, dict) or tool.get("type") != "function"):
+            raise _bad(f"tools[{i}].type must be 'function'", f"tools[{i}].type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(f"{where} must be an object", where, "invalid_type")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise _bad(f"{where}.name must be 1-64 letters, digits, '_' or '-'", f"{where}.name")
+        if name in names:
+            raise _bad(f"{where}.name '{name}' is used by another tool", f"{where}.name")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _bad(f"{where}.parameters must be a JSON schema object", f"{where}.parameters", "invalid_type")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad(f"{where}.description must be a string", f"{where}.description", "invalid_type")
+        req.tools.append({"name": name, "description": description or "",
+                          "parameters": parameters if parameters is not None else {"type": "object", "properties": {}}})
+    choice_param = "function_call" if req.legacy_functions else "tool_choice"
+    req.tool_choice = "auto" if req.tools else "none"
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise _bad(f"'{choice_param}' must be none, auto, required or a named function", choice_param)
+        req.tool_choice = choice
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise _bad(f"'{choice_param}' must name a function: {{\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}", choice_param, "invalid_type")
+        if name not in names:
+            raise _bad(f"'{choice_param}' names '{name[:64]}', which is not among the tools", choice_param)
+        req.tool_choice, req.tool_name = "function", name
+    elif choice is not None:
+        raise _bad(f"'{choice_param}' must be a string or an object", choice_param, "invalid_type")
+    if req.tool_choice in ("required", "function") and not req.tools:
+        raise _bad(f"'{choice_param}': {req.tool_choice} needs tools", choice_param)
+    if req.tool_choice in ("required", "function") and req.response_format is not None:
+        raise _bad("'response_format' cannot be combined with a tool choice that forces a call",
+                   "response_format")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls", "invalid_type")
+    req.parallel_tool_calls = parallel is not False and not req.legacy_functions
 
 
 def _sampling_params(body: dict, logprobs: bool, n_vocab: int) -> dict[str, Any]:
@@ -526,20 +615,67 @@ def _validate_messages(messages: Any, settings: Settings) -> tuple[list[dict], i
         role = message.get("role")
         if role not in ROLES:
             raise _bad(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-        content, n = _validate_content(message.get("content", ...), role, f"{where}.content", settings)
+        content, n = _validate_content(message.get("content", None if role == "assistant" else ...), role,
+                                       f"{where}.content", settings)
         images += n
         if images > settings.max_images:
             raise _bad(f"At most {settings.max_images} images per request", where, "too_many_images")
         # Chat templates know "system", not OpenAI's newer "developer".
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": content,
+                    **_tool_fields(message, role, where)})
     return out, images
+
+
+def _tool_fields(message: dict, role: str, where: str) -> dict:
+    """What a template needs besides role and content: an assistant's calls, a tool result's id and name."""
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise _bad(f"{where}.tool_call_id is required for a tool message", f"{where}.tool_call_id",
+                       "missing_required_parameter")
+        name = message.get("name")
+        return {"tool_call_id": call_id, **({"name": name} if isinstance(name, str) else {})}
+    if role == "function":  # the legacy tool result: the function's name instead of a call id
+        name = message.get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad(f"{where}.name is required for a function message", f"{where}.name",
+                       "missing_required_parameter")
+        return {"name": name}
+    if role != "assistant":
+        return {}
+    calls = message.get("tool_calls")
+    legacy = message.get("function_call")
+    if calls is None and isinstance(legacy, dict):
+        calls = [{"id": "call_legacy", "type": "function", "function": legacy}]
+    if calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise _bad(f"{where}.tool_calls must be a list", f"{where}.tool_calls", "invalid_type")
+    checked = []
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad(f"{here}.function must be an object with a name", f"{here}.function", "invalid_type")
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _bad(f"{here}.function.arguments must be a string holding a JSON object",
+                       f"{here}.function.arguments")
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{j}"
+        checked.append({"id": call_id, "type": "function",
+                        "function": {"name": function["name"], "arguments": parsed}})
+    return {"tool_calls": checked}
 
 
 def _validate_content(content: Any, role: str, where: str, settings: Settings) -> tuple[Any, int]:
     """The content llama.cpp gets: a string, or (vision, user) a list of text/image parts."""
     if isinstance(content, str):
         return _check_utf8(content, where), 0
-    if content is None and role == "assistant":
+    if content is None and role == "assistant":  # absent or null beside tool_calls
         return "", 0
     if not isinstance(content, list):
         raise _bad(f"{where} must be a string or a list of content parts", where, "invalid_type")
@@ -748,191 +884,6 @@ def fetch_remote_images(messages: list[dict], settings: Settings) -> None:
 
 
 ###############################################################################
-# Model #######################################################################
-###############################################################################
-
-
-class PieceCacheTokenizer(LlamaTokenizer):
-    """Detokenizes from a cache of token pieces, and extends the completion's text as it grows.
-
-    llama-cpp-python's _create_completion detokenizes the whole completion again at every token
-    (a Python loop over ctypes calls), so each token cost more than the last: ~2 ms a token at
-    2,048 tokens. Cached pieces cut that to ~75 us, still growing with the length (a GPU decodes
-    this model's token in ~1,250 us). The long list it passes is always its own
-    `completion_tokens`, only ever appended to, so the bytes of the tokens already joined are kept
-    and only the new pieces are joined. The server stays on create_chat_completion (templates,
-    handlers, stop logic); bench/overhead.py measures the cost per token.
-    """
-
-    #: Shorter lists are joined afresh: _create_completion's other calls pass short, new lists.
-    GROWING_MIN = 16
-
-    def __init__(self, llama: llama_cpp.Llama) -> None:
-        super().__init__(llama)
-        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
-        self._bos = llama.token_bos()
-        self._grown: tuple[list[int], int, int, bytes] = ([], 0, -1, b"")  # list, length, last token, bytes
-
-    def _piece(self, token: int, special: bool) -> bytes:
-        piece = self._model.detokenize([token], special=special)
-        self._pieces[special][token] = piece
-        return piece
-
-    def _join(self, tokens: list[int], special: bool) -> bytes:
-        cache = self._pieces[special]
-        try:
-            return b"".join([cache[token] for token in tokens])
-        except KeyError:
-            return b"".join([cache[token] if token in cache else self._piece(token, special) for token in tokens])
-
-    def _join_growing(self, tokens: list[int]) -> bytes:
-        grown, length, last, text = self._grown
-        if grown is tokens and 0 < length <= len(tokens) and tokens[length - 1] == last:
-            text += self._join(tokens[length:], False)
-        else:
-            text = self._join(tokens, False)
-        self._grown = (tokens, len(tokens), tokens[-1], text)
-        return text
-
-    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
-                   special: bool = False) -> bytes:
-        if special or len(tokens) < self.GROWING_MIN:
-            output = self._join(tokens, special)
-        else:
-            output = self._join_growing(tokens)
-        # As llama.cpp's own detokenize: drop the space a leading BOS piece brings.
-        if tokens and tokens[0] == self._bos and output[:1] == b" ":
-            return output[1:]
-        return output
-
-
-class ServedLlama(llama_cpp.Llama):
-    """A Llama that counts its last generation's tokens: the chat stream carries no usage."""
-
-    prompt_tokens = 0
-    sampled_tokens = 0
-    last_token = -1
-
-    def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
-        self.prompt_tokens, self.sampled_tokens = len(tokens), 0
-        for token in super().generate(tokens, *args, **kwargs):
-            self.sampled_tokens += 1
-            self.last_token = token
-            yield token
-
-    def usage(self) -> dict[str, int]:
-        # The end-of-generation token is sampled but is not part of the completion.
-        eog = self.sampled_tokens > 0 and llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token)
-        completion = self.sampled_tokens - int(bool(eog))
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-
-class _ServedHandlerMixin:
-    """Vision handler changes: never fetch URLs, and flatten parts for string-only templates."""
-
-    def load_image(self, image_url: str) -> bytes:
-        # Validation admitted only data: URLs; this keeps the handler from ever opening a URL.
-        return decode_data_url(image_url, "messages", 2**40)
-
-    @classmethod
-    def _convert_message_for_template(cls, message: dict, media_marker: str) -> dict:
-        content = message.get("content")
-        if not isinstance(content, list):
-            return dict(message)
-        text = "".join(media_marker if part["type"] == "image_url" else part["text"] for part in content)
-        return {**message, "content": text}
-
-
-@llama_cpp.llama_log_callback
-def _quiet_native_log(level: int, text: bytes, user_data: Any) -> None:
-    """llama.cpp and mtmd log to stderr (mtmd even logs prompts): only errors get through."""
-    if level == 3:
-        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
-
-
-class _KeepStdio(contextlib.nullcontext):
-    """Stands in for llama-cpp-python's suppress_stdout_stderr inside the chat handlers.
-
-    That helper points fds 1 and 2 at /dev/null while a handler decodes an image, which also
-    swallowed the log lines other requests wrote at that moment. The log callbacks keep llama.cpp
-    and mtmd quiet already, so the handlers need no redirect.
-    """
-
-    def __init__(self, disable: bool = True) -> None:
-        super().__init__()
-
-
-def _silence_native_logs() -> None:
-    """llama.cpp's and mtmd's output goes through the server's log (errors only), never to fds 1/2."""
-    llama_cpp.llama_log_set(_quiet_native_log, None)
-    mtmd_cpp.mtmd_log_set(_quiet_native_log, None)
-    mtmd_cpp.mtmd_helper_log_set(_quiet_native_log, None)
-    llama_chat_format.suppress_stdout_stderr = _KeepStdio
-
-
-def _vision_handler(settings: Settings) -> Any:
-    base = getattr(llama_chat_format, VISION_HANDLERS[settings.chat_format])
-    handler_class = type(f"Served{base.__name__}", (_ServedHandlerMixin, base), {})
-    kwargs: dict[str, Any] = {"clip_model_path": settings.mmproj_path, "verbose": False}
-    if issubclass(base, llama_chat_format.MTMDChatHandler):
-        kwargs["use_gpu"] = settings.n_gpu_layers != 0
-    return handler_class(**kwargs)
-
-
-def llama_thread() -> concurrent.futures.ThreadPoolExecutor:
-    """The one thread that loads, warms, runs and frees the model.
-
-    llama.cpp's OpenMP pool belongs to the thread that calls it, and libgomp cuts its spin-waits
-    short once it manages more threads than there are cores. A second calling thread (a thread
-    per request, or a warm-up on the main thread) measured 10-15% slower decode on 2 cores, and
-    a new thread per request paid 10-30 ms to first token for its new pool.
-    """
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
-
-
-def choose_flash_attn(setting: str, gpu_build: bool, n_gpu_layers: int) -> tuple[bool, str]:
-    """FLASH_ATTN's decision and why. On a CPU flash attention slowed decode (Intel Xeon, 2 threads:
-    -25% at 256 tokens, -53% at 2,048) while on an H100 it gained 20%: `auto` follows the layers."""
-    if setting in ("on", "off"):
-        return setting == "on", f"FLASH_ATTN={setting}"
-    if not gpu_build:
-        return False, "auto: this llama.cpp build runs on the CPU only"
-    if n_gpu_layers == 0:
-        return False, "auto: N_GPU_LAYERS=0 keeps the layers on the CPU"
-    return True, "auto: the layers run on the GPU"
-
-
-def load_model(settings: Settings) -> ServedLlama:
-    """The one place that builds the model: a text model, or a vision model with its mmproj."""
-    _silence_native_logs()
-    handler = _vision_handler(settings) if settings.vision else None
-    flash_attn, why = choose_flash_attn(settings.flash_attn, llama_cpp.llama_supports_gpu_offload(),
-                                        settings.n_gpu_layers)
-    log.info("flash attention %s (%s); %d threads", "on" if flash_attn else "off", why, settings.n_threads)
-    try:
-        llm = ServedLlama(
-            model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-            n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
-            n_gpu_layers=settings.n_gpu_layers, flash_attn=flash_attn,
-            logits_all=settings.logprobs, chat_handler=handler, verbose=False,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot load model {settings.model_path!r}: {exc}") from None
-    llm.tokenizer_ = PieceCacheTokenizer(llm)
-    # One throwaway decode allocates llama.cpp's compute buffers now: the first request was ~150 ms slower.
-    llm.eval([llm.token_bos()])
-    llm.reset()
-    if handler is not None:
-        try:  # load the projector now, so a bad mmproj stops startup instead of a request
-            handler._init_mtmd_context(llm)
-        except (ValueError, RuntimeError) as exc:
-            llm.close()
-            raise ConfigError(f"cannot load mmproj {settings.mmproj_path!r}: {exc}") from None
-    return llm
-
-
-###############################################################################
 # Grammars ####################################################################
 ###############################################################################
 # Every grammar, whatever it was built from (response_format today, tool schemas tomorrow), goes
@@ -963,6 +914,8 @@ def _bounded_repetition(item_rule: str, min_items: int, max_items: int | None,
     for bound in (min_items, max_items):
         if bound is not None and bound > MAX_REPEAT:
             raise GrammarError(f"a repetition bound of {bound} is over llama.cpp's limit of {MAX_REPEAT}")
+    if max_items is not None and max_items < min_items:
+        raise GrammarError(f"a repetition of at least {min_items} and at most {max_items} can never match")
     if max_items == 0:
         return ""
     if separator_rule:
@@ -980,8 +933,9 @@ def _bounded_repetition(item_rule: str, min_items: int, max_items: int | None,
 _converter_lock = threading.Lock()
 
 
-def json_schema_grammar(schema: dict) -> str:
-    """GBNF for a JSON schema: llama-cpp-python's converter with bounded repetitions.
+def json_schema_grammar(schema: dict, rule: str = "") -> str:
+    """GBNF for a JSON schema, its top rule named `rule` (root by default): llama-cpp-python's
+    converter (as its json_schema_to_gbnf drives it) with bounded repetitions.
 
     Swaps the converter's module-level `_build_repetition` (private; no parameter reaches it) for
     the time of one conversion, under a lock: nothing else in the process sees the swap.
@@ -991,7 +945,10 @@ def json_schema_grammar(schema: dict) -> str:
         stock = llama_grammar._build_repetition
         llama_grammar._build_repetition = _bounded_repetition
         try:
-            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+            converter = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
+                                                      raw_pattern=False)
+            converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "stdin"), rule)
+            return converter.format_grammar()
         finally:
             llama_grammar._build_repetition = stock
 
@@ -1016,6 +973,9 @@ def _check_schema_bounds(schema: Any, path: str) -> None:
         if value > MAX_REPEAT:
             raise GrammarError(f"'{keyword}': {value} at {where} is too large: a grammar can enforce "
                                f"at most {MAX_REPEAT}")
+    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
+        if schema.get(low) is not None and schema.get(high) is not None and schema[low] > schema[high]:
+            raise GrammarError(f"'{low}' is greater than '{high}' at {where}: nothing can match")
     pattern = schema.get("pattern")
     for low, high in re.findall(r"\{(\d*)(?:,(\d*))?\}", pattern if isinstance(pattern, str) else ""):
         if any(bound and int(bound) > MAX_REPEAT for bound in (low, high)):
@@ -1112,11 +1072,14 @@ def parse_gbnf(text: str) -> dict[str, list[list[_Sym]]]:
             elif re.match(r"[a-zA-Z0-9_-]", ch):
                 seq.append(_Sym("r", name(), False))
             elif ch in "*?+{" and seq:
-                if ch == "{":
+                if ch == "{":  # llama.cpp's parser trusts {m,n}: n < m wraps around to 2^64 rules
                     end = text.find("}", pos)
-                    low = (text[pos + 1:end].split(",")[0] or "0").strip() if end > 0 else ""
-                    if not low.isdigit():
+                    bounds = [b.strip() for b in text[pos + 1:end].split(",")] if end > 0 else [""]
+                    low, high = bounds[0], bounds[-1] if len(bounds) == 2 else bounds[0]
+                    if len(bounds) > 2 or not low.isdigit() or not (high.isdigit() or high == ""):
                         raise GrammarError(f"grammar syntax error at offset {pos}")
+                    if int(low) > MAX_REPEAT or (high and int(high) < int(low)):
+                        raise GrammarError(f"the grammar repeats something {{{low},{high}}} times")
                     seq[-1].nullable |= int(low) == 0
                     pos = end + 1
                 else:
@@ -1233,6 +1196,632 @@ def build_grammar(fmt: dict, param: str, max_branches: int, native: Callable[[st
 
 
 ###############################################################################
+# Templates and tool calls ####################################################
+###############################################################################
+# The model's chat template renders the prompt; tools reach it in one of two formats, picked once at
+# startup from the template's source (as llama.cpp does): a template that mentions <tool_call> renders
+# the tools itself and the model answers <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+# (Hermes, Qwen 2.5/3, and others); any other template gets a system-message section that lists the
+# tools and asks for one JSON object {"tool_calls": [...]}. What the model writes is parsed back by
+# OutputParser into content, reasoning_content and tool calls, chunk by chunk.
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+#: Text that must survive detokenization even where the vocabulary makes it a control token.
+MARKERS = (THINK_OPEN, THINK_CLOSE, HERMES_OPEN, HERMES_CLOSE)
+
+GENERIC_TOOL_PROMPT = """You can call these tools (JSON schemas of their arguments):
+{tools}
+
+To call one or more tools, answer with only this JSON object and nothing else:
+{{"tool_calls": [{{"name": "<tool name>", "arguments": {{<the arguments>}}}}]}}
+Otherwise answer the user directly, without JSON."""
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What the server learnt from the chat template's source at startup."""
+
+    source: str  # the Jinja template ("" when the model has none)
+    tool_format: str  # "hermes" or "generic"
+    reasoning: bool  # extract <think> blocks as reasoning_content
+
+    @classmethod
+    def from_source(cls, source: str, reasoning_format: str) -> TemplateInfo:
+        reasoning = reasoning_format == "auto" and THINK_CLOSE in source
+        return cls(source, "hermes" if HERMES_OPEN in source else "generic", reasoning)
+
+
+class TemplateMessages(list):
+    """The messages handed to create_chat_completion, carrying what else this request renders with.
+
+    create_chat_completion passes `messages` to the chat template untouched but takes no other
+    extra argument, so chat_template_kwargs ride along here; the template notes the prompt it rendered.
+    """
+
+    def __init__(self, messages: list[dict], template_kwargs: dict) -> None:
+        super().__init__(messages)
+        self.template_kwargs = template_kwargs
+        self.prompt: str | None = None
+
+
+class ChatTemplate(llama_chat_format.Jinja2ChatFormatter):
+    """The model's chat template (or CHAT_TEMPLATE_FILE) with chat_template_kwargs, and its
+    raise_exception(...) (Gemma's "roles must alternate") as a 400 instead of a ValueError."""
+
+    def __call__(self, *, messages: list, **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
+        extra = getattr(messages, "template_kwargs", {})
+        try:
+            result = super().__call__(messages=messages, **kwargs, **extra)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise _bad(f"The chat template rejected the messages: {exc}"[:1000], "messages", "invalid_messages") from None
+        if isinstance(messages, TemplateMessages):
+            messages.prompt = result.prompt
+        return result
+
+
+def template_messages(req: ChatRequest, info: TemplateInfo) -> TemplateMessages:
+    """The request's messages as the template takes them, with the tools where the format puts them."""
+    messages = [dict(message) for message in req.messages]
+    offer_tools = req.tools and req.tool_choice != "none"
+    if info.tool_format == "generic":
+        messages = [_generic_message(message) for message in messages]
+        if offer_tools:
+            tools = [req.tools[_tool_index(req, req.tool_name)]] if req.tool_name else req.tools
+            section = GENERIC_TOOL_PROMPT.format(tools=json.dumps(tools, ensure_ascii=False, indent=1))
+            if messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+                messages[0]["content"] = f"{messages[0]['content']}\n\n{section}"
+            else:
+                messages.insert(0, {"role": "system", "content": section})
+    else:
+        for message in messages:
+            if message["role"] == "function":  # legacy results: a tool message, named
+                message["role"] = "tool"
+    return TemplateMessages(messages, req.template_kwargs)
+
+
+def _tool_index(req: ChatRequest, name: str | None) -> int:
+    return next(i for i, tool in enumerate(req.tools) if tool["name"] == name)
+
+
+def _generic_message(message: dict) -> dict:
+    """Past calls and results as plain text, for a template that knows nothing of tools."""
+    calls = message.pop("tool_calls", None)
+    if calls:
+        text = json.dumps({"tool_calls": [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                                          for c in calls]}, ensure_ascii=False)
+        message["content"] = f"{message['content']}\n{text}".strip() if message.get("content") else text
+    if message["role"] in ("tool", "function"):
+        name = message.pop("name", None)
+        call_id = message.pop("tool_call_id", None)
+        label = " ".join(part for part in (name, call_id and f"(call {call_id})") if part)
+        return {"role": "user", "content": f"Tool result{' ' + label if label else ''}:\n{message['content']}"}
+    return message
+
+
+def tools_for_template(req: ChatRequest, info: TemplateInfo) -> list[dict] | None:
+    """The `tools` the template renders itself (Hermes format), in OpenAI's shape."""
+    if info.tool_format != "hermes" or not req.tools or req.tool_choice == "none":
+        return None
+    chosen = [req.tools[_tool_index(req, req.tool_name)]] if req.tool_name else req.tools
+    return [{"type": "function", "function": tool} for tool in chosen]
+
+
+def call_schema(tool: dict) -> dict:
+    return {"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": tool["parameters"]},
+            "required": ["name", "arguments"]}
+
+
+def tool_call_grammar(req: ChatRequest, info: TemplateInfo) -> str | None:
+    """For `required` or a named choice: GBNF that forces calls in the template's format, with
+    arguments valid against each tool's schema; one call when parallel_tool_calls is false."""
+    if req.tool_choice not in ("required", "function"):
+        return None
+    tools = [req.tools[_tool_index(req, req.tool_name)]] if req.tool_name else req.tools
+    calls = [call_schema(tool) for tool in tools]
+    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if info.tool_format == "generic":
+        array = {"type": "array", "items": one, "minItems": 1, **({} if req.parallel_tool_calls else {"maxItems": 1})}
+        return json_schema_grammar({"type": "object", "properties": {"tool_calls": array},
+                                    "required": ["tool_calls"]})
+    grammar = json_schema_grammar(one, rule="tool-call")
+    block = f'"{HERMES_OPEN}\\n" tool-call "\\n{HERMES_CLOSE}"'
+    more = f' ("\\n" {block})*' if req.parallel_tool_calls else ""
+    return f"{grammar}\nroot ::= {block}{more}\n"
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class OutputParser:
+    """Splits the model's text, as it streams, into content, reasoning and tool calls.
+
+    feed() takes the next piece of text and returns what can be said of it now, as a list of
+    ("content" | "reasoning", text) and ("call", ParsedCall) events; end() says the rest. Text that
+    may be the start of a marker is held back until it is known; anything that looks like a call but
+    does not parse (an unknown name, broken JSON) is given back as content, never dropped.
+    """
+
+    def __init__(self, tool_format: str | None, tool_names: set[str], reasoning: bool, in_think: bool) -> None:
+        self.tool_format, self.tool_names = tool_format, tool_names
+        self._mode = "think" if reasoning and in_think else "start" if reasoning else "content"
+        self._pending = ""  # text not yet said
+        self._seen_content = False  # the generic format's JSON must be the whole answer
+        self._strip_lead = False  # whitespace after </think> or between calls is no content
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self._pending += text
+        events: list[tuple[str, Any]] = []
+        while True:
+            before = (self._mode, len(self._pending))
+            events += self._step(final=False)
+            if (self._mode, len(self._pending)) == before:
+                return [event for event in events if event[0] == "call" or event[1]]
+
+    def end(self) -> list[tuple[str, Any]]:
+        events = []
+        while self._pending:
+            before = (self._mode, len(self._pending))
+            events += self._step(final=True)
+            if (self._mode, len(self._pending)) == before:
+                break
+        if self._pending:
+            events.append(("reasoning" if self._mode == "think" else "content", self._pending))
+            self._pending = ""
+        return [event for event in events if event[0] == "call" or event[1]]
+
+    def _step(self, final: bool) -> list[tuple[str, Any]]:
+        text = self._pending
+        if self._mode == "start":  # a <think> block may open the answer
+            stripped = text.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self._pending, self._mode = stripped[len(THINK_OPEN):], "think"
+            elif final or not (THINK_OPEN.startswith(stripped) and stripped):
+                self._mode = "content" if (stripped or final) else "start"
+            return []
+        if self._mode == "think":
+            cut = text.find(THINK_CLOSE)
+            if cut >= 0:
+                self._pending, self._mode, self._strip_lead = text[cut + len(THINK_CLOSE):], "content", True
+                return [("reasoning", text[:cut])]
+            keep = 0 if final else _partial_suffix(text, THINK_CLOSE)
+            self._pending = text[len(text) - keep:]
+            return [("reasoning", text[:len(text) - keep])]
+        if self._strip_lead and self._mode == "content":
+            if not text.strip():
+                self._pending = "" if final else text
+                return []
+            self._strip_lead, self._pending, text = False, text.lstrip(), text.lstrip()
+        if self.tool_format == "hermes":
+            return self._hermes(text, final)
+        if self.tool_format == "generic":
+            return self._generic(text, final)
+        self._pending = ""
+        return [("content", text)]
+
+    def _hermes(self, text: str, final: bool) -> list[tuple[str, Any]]:
+        if self._mode == "call":
+            cut = text.find(HERMES_CLOSE)
+            if cut < 0 and not final:
+                return []
+            body = text[:cut] if cut >= 0 else text
+            rest = text[cut + len(HERMES_CLOSE):] if cut >= 0 else ""
+            self._mode, self._pending = "content", rest
+            call = self._parse_call(body)
+            if call is None:
+                return [("content", HERMES_OPEN + body + (HERMES_CLOSE if cut >= 0 else ""))]
+            self._strip_lead = True
+            return [("call", call)]
+        cut = text.find(HERMES_OPEN)
+        if cut >= 0:
+            self._pending, self._mode = text[cut + len(HERMES_OPEN):], "call"
+            return [("content", text[:cut])]
+        keep = 0 if final else _partial_suffix(text, HERMES_OPEN)
+        self._pending = text[len(text) - keep:]
+        return [("content", text[:len(text) - keep])]
+
+    def _generic(self, text: str, final: bool) -> list[tuple[str, Any]]:
+        if not self._seen_content and text.lstrip().startswith("{"):
+            if not final:
+                return []  # a JSON answer may be the call object: hold it to the end
+            calls = self._parse_envelope(text)
+            self._pending = ""
+            return [("call", call) for call in calls] if calls else [("content", text)]
+        if not text.strip() and not final:
+            return []  # only whitespace so far: the JSON may still come
+        self._seen_content, self._pending = True, ""
+        return [("content", text)]
+
+    def _parse_call(self, body: str) -> ParsedCall | None:
+        try:
+            call = json.loads(body.strip())
+        except ValueError:
+            return None
+        return self._checked(call)
+
+    def _checked(self, call: Any) -> ParsedCall | None:
+        if not isinstance(call, dict) or call.get("name") not in self.tool_names:
+            return None
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        return ParsedCall(call["name"], json.dumps(arguments, ensure_ascii=False))
+
+    def _parse_envelope(self, text: str) -> list[ParsedCall]:
+        try:
+            envelope = json.loads(text.strip())
+        except ValueError:
+            return []
+        calls = envelope.get("tool_calls") if isinstance(envelope, dict) else None
+        if not isinstance(calls, list) or not calls or set(envelope) != {"tool_calls"}:
+            return []
+        checked = [self._checked(call) for call in calls]
+        return checked if all(checked) else []  # type: ignore[return-value]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` could be the start of `marker`."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class ChatOutput:
+    """create_chat_completion's chunks in, the answer's chunks out: content, reasoning_content and
+    tool calls in OpenAI's streaming shape (a call's first delta names it, later ones carry only
+    argument text; legacy function requests get function_call). Logprobs ride on the next chunk out."""
+
+    def __init__(self, make_parser: Callable[[], OutputParser] | None, legacy_functions: bool = False) -> None:
+        self._make_parser, self._legacy = make_parser, legacy_functions
+        self._parser: OutputParser | None = None
+        self._calls = 0
+        self._logprobs: list = []
+
+    def __call__(self, chunks: list[dict]) -> list[dict]:
+        if self._make_parser is None:
+            return chunks
+        if self._parser is None:  # built at the first chunk: the template has rendered the prompt by then
+            self._parser = self._make_parser()
+        out: list[dict] = []
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            delta = choice["delta"]
+            if choice.get("logprobs") and choice["logprobs"].get("content"):
+                self._logprobs += choice["logprobs"]["content"]
+            events = self._parser.feed(delta["content"]) if delta.get("content") else []
+            if choice.get("finish_reason"):
+                events += self._parser.end()
+            if delta.get("role"):
+                out.append(self._chunk(chunk, {"role": delta["role"]}))
+            for kind, value in events:
+                out += self._event_chunks(chunk, kind, value)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+                if self._calls and finish == "stop":
+                    finish = "function_call" if self._legacy else "tool_calls"
+                out.append(self._chunk(chunk, {}, finish))
+        return out
+
+    def _event_chunks(self, chunk: dict, kind: str, value: Any) -> list[dict]:
+        if kind == "content":
+            return [self._chunk(chunk, {"content": value})]
+        if kind == "reasoning":
+            return [self._chunk(chunk, {"reasoning_content": value})]
+        if self._legacy:
+            if self._calls:
+                return []  # the legacy shape holds one call
+            self._calls += 1
+            return [self._chunk(chunk, {"function_call": {"name": value.name, "arguments": ""}}),
+                    self._chunk(chunk, {"function_call": {"arguments": value.arguments}})]
+        index, self._calls = self._calls, self._calls + 1
+        head = {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": value.name, "arguments": ""}}
+        return [self._chunk(chunk, {"tool_calls": [head]}),
+                self._chunk(chunk, {"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]})]
+
+    def _chunk(self, like: dict, delta: dict, finish: str | None = None) -> dict:
+        logprobs = None
+        if self._logprobs and (delta.get("content") or finish):
+            logprobs, self._logprobs = {"content": self._logprobs, "refusal": None}, []
+        return {**like, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+@functools.lru_cache(maxsize=256)
+def _tool_schema_error(schema_json: str, max_branches: int, native: Callable[[str], None]) -> str | None:
+    """Why a tool's parameters cannot become a grammar, or None; agents resend the same tools each turn."""
+    try:
+        check_grammar(json_schema_grammar(json.loads(schema_json)), max_branches, native)
+    except GrammarError as exc:
+        return str(exc)
+    except Exception as exc:  # the converter's asserts, unresolvable $refs, RecursionError, ...
+        return f"{exc.__class__.__name__}: {exc}"[:500]
+    return None
+
+
+def request_grammar(req: ChatRequest, info: TemplateInfo, max_branches: int,
+                    native: Callable[[str], None]) -> llama_grammar.LlamaGrammar | None:
+    """The checked grammar a request generates under: its response_format's, or the forced tool
+    call's. Every tool's parameters must make a usable grammar, forced or not. Blocking: run it in a thread."""
+    for i, tool in enumerate(req.tools):
+        error = _tool_schema_error(json.dumps(tool["parameters"], sort_keys=True), max_branches, native)
+        if error:
+            param = f"functions[{i}].parameters" if req.legacy_functions else f"tools[{i}].function.parameters"
+            raise _bad(f"The tool's parameters cannot be used: {error}", param, "invalid_schema")
+    if req.response_format is not None:
+        fmt = req.response_format
+        param = "response_format.json_schema.schema" if fmt["type"] == "json_schema" else "response_format"
+        return build_grammar(fmt, param, max_branches, native)
+    text = tool_call_grammar(req, info)
+    if text is None:
+        return None
+    param = "function_call" if req.legacy_functions else "tool_choice"
+    try:
+        check_grammar(text, max_branches, native)
+    except GrammarError as exc:
+        raise _bad(f"The tools cannot be forced with a grammar: {exc}", param, "invalid_schema") from None
+    return llama_grammar.LlamaGrammar.from_string(text, verbose=False)
+
+
+def chat_output(req: ChatRequest, info: TemplateInfo, messages: TemplateMessages) -> ChatOutput:
+    """The output pipeline for one request: a plain request passes its chunks through untouched."""
+    tool_format = info.tool_format if req.tools and req.tool_choice != "none" else None
+    if tool_format is None and not info.reasoning:
+        return ChatOutput(None)
+    names = {req.tool_name} if req.tool_name else {tool["name"] for tool in req.tools}
+
+    def make_parser() -> OutputParser:  # a prompt that ends inside <think>: the answer starts by reasoning
+        in_think = bool(messages.prompt and messages.prompt.rstrip().endswith(THINK_OPEN))
+        return OutputParser(tool_format, names, info.reasoning, in_think)
+
+    return ChatOutput(make_parser, req.legacy_functions)
+
+
+###############################################################################
+# Model #######################################################################
+###############################################################################
+
+
+class PieceCacheTokenizer(LlamaTokenizer):
+    """Detokenizes from a cache of token pieces, and extends the completion's text as it grows.
+
+    llama-cpp-python's _create_completion detokenizes the whole completion again at every token
+    (a Python loop over ctypes calls), so each token cost more than the last: ~2 ms a token at
+    2,048 tokens. Cached pieces cut that to ~75 us, still growing with the length (a GPU decodes
+    this model's token in ~1,250 us). The long list it passes is always its own
+    `completion_tokens`, only ever appended to, so the bytes of the tokens already joined are kept
+    and only the new pieces are joined. The server stays on create_chat_completion (templates,
+    handlers, stop logic); bench/overhead.py measures the cost per token.
+    """
+
+    #: Shorter lists are joined afresh: _create_completion's other calls pass short, new lists.
+    GROWING_MIN = 16
+
+    def __init__(self, llama: llama_cpp.Llama, visible: set[int] = frozenset()) -> None:
+        super().__init__(llama)
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
+        self._bos = llama.token_bos()
+        self._grown: tuple[list[int], int, int, bytes] = ([], 0, -1, b"")  # list, length, last token, bytes
+        #: Control tokens written out even without `special`: markers the output parser must see.
+        self._visible = visible
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        piece = self._model.detokenize([token], special=special or token in self._visible)
+        self._pieces[special][token] = piece
+        return piece
+
+    def _join(self, tokens: list[int], special: bool) -> bytes:
+        cache = self._pieces[special]
+        try:
+            return b"".join([cache[token] for token in tokens])
+        except KeyError:
+            return b"".join([cache[token] if token in cache else self._piece(token, special) for token in tokens])
+
+    def _join_growing(self, tokens: list[int]) -> bytes:
+        grown, length, last, text = self._grown
+        if grown is tokens and 0 < length <= len(tokens) and tokens[length - 1] == last:
+            text += self._join(tokens[length:], False)
+        else:
+            text = self._join(tokens, False)
+        self._grown = (tokens, len(tokens), tokens[-1], text)
+        return text
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
+                   special: bool = False) -> bytes:
+        if special or len(tokens) < self.GROWING_MIN:
+            output = self._join(tokens, special)
+        else:
+            output = self._join_growing(tokens)
+        # As llama.cpp's own detokenize: drop the space a leading BOS piece brings.
+        if tokens and tokens[0] == self._bos and output[:1] == b" ":
+            return output[1:]
+        return output
+
+
+class ServedLlama(llama_cpp.Llama):
+    """A Llama that counts its last generation's tokens: the chat stream carries no usage."""
+
+    template = TemplateInfo("", "generic", False)  # set by load_model
+    prompt_tokens = 0
+    sampled_tokens = 0
+    last_token = -1
+
+    def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+        self.prompt_tokens, self.sampled_tokens = len(tokens), 0
+        for token in super().generate(tokens, *args, **kwargs):
+            self.sampled_tokens += 1
+            self.last_token = token
+            yield token
+
+    def usage(self) -> dict[str, int]:
+        # The end-of-generation token is sampled but is not part of the completion.
+        eog = self.sampled_tokens > 0 and llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token)
+        completion = self.sampled_tokens - int(bool(eog))
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+class _ServedHandlerMixin:
+    """Vision handler changes: never fetch URLs, flatten parts for string-only templates, and render
+    CHAT_TEMPLATE_FILE's template when one is given."""
+
+    template_override = ""
+
+    def _get_chat_template(self, llama_model: llama_cpp.Llama) -> str:
+        return self.template_override or super()._get_chat_template(llama_model)  # type: ignore[misc]
+
+    def load_image(self, image_url: str) -> bytes:
+        # Validation admitted only data: URLs; this keeps the handler from ever opening a URL.
+        return decode_data_url(image_url, "messages", 2**40)
+
+    @classmethod
+    def _convert_message_for_template(cls, message: dict, media_marker: str) -> dict:
+        content = message.get("content")
+        if not isinstance(content, list):
+            return dict(message)
+        text = "".join(media_marker if part["type"] == "image_url" else part["text"] for part in content)
+        return {**message, "content": text}
+
+
+@llama_cpp.llama_log_callback
+def _quiet_native_log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp and mtmd log to stderr (mtmd even logs prompts): only errors get through."""
+    if level == 3:
+        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+class _KeepStdio(contextlib.nullcontext):
+    """Stands in for llama-cpp-python's suppress_stdout_stderr inside the chat handlers.
+
+    That helper points fds 1 and 2 at /dev/null while a handler decodes an image, which also
+    swallowed the log lines other requests wrote at that moment. The log callbacks keep llama.cpp
+    and mtmd quiet already, so the handlers need no redirect.
+    """
+
+    def __init__(self, disable: bool = True) -> None:
+        super().__init__()
+
+
+def _silence_native_logs() -> None:
+    """llama.cpp's and mtmd's output goes through the server's log (errors only), never to fds 1/2."""
+    llama_cpp.llama_log_set(_quiet_native_log, None)
+    mtmd_cpp.mtmd_log_set(_quiet_native_log, None)
+    mtmd_cpp.mtmd_helper_log_set(_quiet_native_log, None)
+    llama_chat_format.suppress_stdout_stderr = _KeepStdio
+
+
+def _vision_handler(settings: Settings, template_override: str) -> Any:
+    base = getattr(llama_chat_format, VISION_HANDLERS[settings.chat_format])
+    handler_class = type(f"Served{base.__name__}", (_ServedHandlerMixin, base),
+                         {"template_override": template_override})
+    kwargs: dict[str, Any] = {"clip_model_path": settings.mmproj_path, "verbose": False}
+    if issubclass(base, llama_chat_format.MTMDChatHandler):
+        kwargs["use_gpu"] = settings.n_gpu_layers != 0
+    return handler_class(**kwargs)
+
+
+def llama_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that loads, warms, runs and frees the model.
+
+    llama.cpp's OpenMP pool belongs to the thread that calls it, and libgomp cuts its spin-waits
+    short once it manages more threads than there are cores. A second calling thread (a thread
+    per request, or a warm-up on the main thread) measured 10-15% slower decode on 2 cores, and
+    a new thread per request paid 10-30 ms to first token for its new pool.
+    """
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
+
+
+def choose_flash_attn(setting: str, gpu_build: bool, n_gpu_layers: int) -> tuple[bool, str]:
+    """FLASH_ATTN's decision and why. On a CPU flash attention slowed decode (Intel Xeon, 2 threads:
+    -25% at 256 tokens, -53% at 2,048) while on an H100 it gained 20%: `auto` follows the layers."""
+    if setting in ("on", "off"):
+        return setting == "on", f"FLASH_ATTN={setting}"
+    if not gpu_build:
+        return False, "auto: this llama.cpp build runs on the CPU only"
+    if n_gpu_layers == 0:
+        return False, "auto: N_GPU_LAYERS=0 keeps the layers on the CPU"
+    return True, "auto: the layers run on the GPU"
+
+
+def read_template_file(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+        jinja2.Environment().parse(source)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"CHAT_TEMPLATE_FILE {path!r} cannot be read: {exc.__class__.__name__}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"CHAT_TEMPLATE_FILE {path!r} is not a valid Jinja template: {exc}") from None
+    return source
+
+
+def _token_text(llm: llama_cpp.Llama, token: int) -> str:
+    """As llama-cpp-python fills a template's bos_token/eos_token."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace") if token != -1 else ""
+
+
+def control_markers(llm: llama_cpp.Llama) -> set[int]:
+    """Tokens of MARKERS that the vocabulary marks as control tokens: llama-cpp-python drops those
+    from the text (it detokenizes with special=False), and the output parser would never see them."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    found = set()
+    for marker in MARKERS:
+        tokens = llm.tokenize(marker.encode(), add_bos=False, special=True)
+        if len(tokens) == 1 and llama_cpp.llama_vocab_get_attr(vocab, tokens[0]) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            found.add(tokens[0])
+    return found
+
+
+def load_model(settings: Settings) -> ServedLlama:
+    """The one place that builds the model: a text model, or a vision model with its mmproj."""
+    _silence_native_logs()
+    override = read_template_file(settings.chat_template_file)
+    handler = _vision_handler(settings, override) if settings.vision else None
+    flash_attn, why = choose_flash_attn(settings.flash_attn, llama_cpp.llama_supports_gpu_offload(),
+                                        settings.n_gpu_layers)
+    log.info("flash attention %s (%s); %d threads", "on" if flash_attn else "off", why, settings.n_threads)
+    try:
+        llm = ServedLlama(
+            model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+            n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers, flash_attn=flash_attn,
+            logits_all=settings.logprobs, chat_handler=handler, verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot load model {settings.model_path!r}: {exc}") from None
+    source = override or llm.metadata.get("tokenizer.chat_template", "")
+    llm.template = TemplateInfo.from_source(source, settings.reasoning_format)
+    llm.tokenizer_ = PieceCacheTokenizer(llm, visible=control_markers(llm))
+    if handler is None and source:  # the template renders with chat_template_kwargs, and raises as a 400
+        llm.chat_handler = ChatTemplate(source, eos_token=_token_text(llm, llm.token_eos()),
+                                        bos_token=_token_text(llm, llm.token_bos()),
+                                        stop_token_ids=[llm.token_eos()]).to_chat_handler()
+    log.info("chat template: %s; tool calls in the %s format; reasoning %s",
+             "CHAT_TEMPLATE_FILE" if override else "the model's own" if source else "none (llama-2 format)",
+             llm.template.tool_format, "extracted" if llm.template.reasoning else "left in the text")
+    # One throwaway decode allocates llama.cpp's compute buffers now: the first request was ~150 ms slower.
+    llm.eval([llm.token_bos()])
+    llm.reset()
+    if handler is not None:
+        try:  # load the projector now, so a bad mmproj stops startup instead of a request
+            handler._init_mtmd_context(llm)
+        except (ValueError, RuntimeError) as exc:
+            llm.close()
+            raise ConfigError(f"cannot load mmproj {settings.mmproj_path!r}: {exc}") from None
+    return llm
+
+
+###############################################################################
 # Generation ##################################################################
 ###############################################################################
 
@@ -1324,8 +1913,9 @@ class Generation:
 
     def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats,
                  worker: concurrent.futures.Executor, shutdown: Shutdown, wake_interval: float,
-                 time_limit: float = 0.0) -> None:
+                 time_limit: float = 0.0, output: ChatOutput | None = None) -> None:
         self._llm, self._kwargs, self._release, self.stats = llm, kwargs, release, stats
+        self._output = output or ChatOutput(None)
         self._shutdown, self._wake_interval = shutdown, wake_interval
         self._time_limit = time_limit or math.inf
         self._loop = asyncio.get_running_loop()
@@ -1385,7 +1975,14 @@ class Generation:
                            code="server_shutting_down") from None
 
     async def next_chunks(self) -> list[dict]:
-        """Every chunk ready now (waiting for one); [] at the end. Raises what the worker raised."""
+        """The answer's chunks ready now (waiting for one); [] at the end. Raises what the worker raised."""
+        while True:
+            raw = await self._next_raw()
+            chunks = self._output(raw)  # may hold text back: wait for more until it says something
+            if chunks or not raw:
+                return chunks
+
+    async def _next_raw(self) -> list[dict]:
         self._woken.clear()
         while not self._ready:
             await self._wait()
@@ -1404,9 +2001,18 @@ class Generation:
         return chunks
 
 
-def completion_kwargs(req: ChatRequest, model_name: str, grammar: llama_grammar.LlamaGrammar | None) -> dict[str, Any]:
-    """create_chat_completion keyword arguments; `grammar` comes checked from build_grammar()."""
-    kwargs = {"messages": req.messages, "model": model_name, **req.params}
+def completion_kwargs(req: ChatRequest, model_name: str, grammar: llama_grammar.LlamaGrammar | None,
+                      info: TemplateInfo) -> dict[str, Any]:
+    """create_chat_completion keyword arguments; `grammar` comes checked from request_grammar().
+
+    tool_choice goes to the template as a string only: an object makes llama-cpp-python's handler
+    build a grammar of its own over ours and stream its own chunk shape.
+    """
+    kwargs = {"messages": template_messages(req, info), "model": model_name, **req.params}
+    tools = tools_for_template(req, info)
+    if tools:
+        kwargs["tools"] = tools
+        kwargs["tool_choice"] = "required" if req.tool_choice == "function" else req.tool_choice
     if grammar is not None:
         kwargs["grammar"] = grammar
     return kwargs
@@ -1430,17 +2036,41 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
 
 
 def chat_completion(chunks: list[dict], usage: dict | None) -> dict:
-    """The non-streaming answer, assembled from the stream's chunks."""
-    first, content, tokens, finish = chunks[0], [], [], "stop"
+    """The non-streaming answer, assembled from the stream's chunks (content, reasoning, calls)."""
+    first, content, reasoning, tokens, finish = chunks[0], [], [], [], "stop"
+    calls: dict[int, dict] = {}
+    function_call: dict | None = None
     for chunk in chunks:
         choice = chunk["choices"][0]
-        content.append(choice["delta"].get("content") or "")
+        delta = choice["delta"]
+        content.append(delta.get("content") or "")
+        reasoning.append(delta.get("reasoning_content") or "")
+        for part in delta.get("tool_calls") or []:
+            call = calls.setdefault(part["index"], {"id": None, "type": "function",
+                                                    "function": {"name": "", "arguments": ""}})
+            call["id"] = part.get("id") or call["id"]
+            call["function"]["name"] += part.get("function", {}).get("name") or ""
+            call["function"]["arguments"] += part.get("function", {}).get("arguments") or ""
+        if delta.get("function_call"):
+            function_call = function_call or {"name": "", "arguments": ""}
+            function_call["name"] += delta["function_call"].get("name") or ""
+            function_call["arguments"] += delta["function_call"].get("arguments") or ""
         if choice.get("logprobs"):
             tokens.extend(choice["logprobs"].get("content") or [])
         finish = choice.get("finish_reason") or finish
+    text = "".join(content)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls or function_call:
+        message["content"] = text if text.strip() else None  # an answer of only calls has no content
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    if function_call:
+        message["function_call"] = function_call
+    if any(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
     return {
         "id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": {"content": tokens} if tokens else None, "finish_reason": finish}],
         "usage": usage,
     }
@@ -1598,21 +2228,19 @@ async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
     raise ClientDisconnected
 
 
-def _grammar_param(fmt: dict) -> str:
-    return "response_format.json_schema.schema" if fmt["type"] == "json_schema" else "response_format"
-
-
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_chat_request(body, state.settings, state.n_vocab)
     if state.settings.allow_remote_images and req.images:
         await asyncio.to_thread(fetch_remote_images, req.messages, state.settings)
+    info = state.llm.template
     grammar = None
-    if req.response_format is not None:  # off the loop: a large schema takes a while to convert and check
-        grammar = await asyncio.to_thread(build_grammar, req.response_format, _grammar_param(req.response_format),
-                                          state.settings.max_grammar_branches, state.check_native_grammar)
-    kwargs = completion_kwargs(req, state.settings.model_name, grammar)
+    if req.response_format is not None or req.tools:  # off the loop: large schemas take a while to check
+        grammar = await asyncio.to_thread(request_grammar, req, info, state.settings.max_grammar_branches,
+                                          state.check_native_grammar)
+    kwargs = completion_kwargs(req, state.settings.model_name, grammar, info)
+    output = chat_output(req, info, kwargs["messages"])
     n_ctx = state.llm.n_ctx()
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
@@ -1620,7 +2248,7 @@ async def chat_completions(request: Request) -> Response:
         stats = request.state.stats = Stats()
         wake_interval = STREAM_WAKE_INTERVAL if req.stream else math.inf  # a JSON answer needs only the end
         generation = Generation(state.llm, kwargs, state.gate.release, stats, state.worker, state.shutdown,
-                                wake_interval, state.settings.max_generation_seconds)
+                                wake_interval, state.settings.max_generation_seconds, output)
         try:
             first = await unless_disconnected(generation.next_chunks(), disconnected)
             if not first:

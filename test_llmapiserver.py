@@ -436,8 +436,6 @@ BAD_REQUESTS = [
     pytest.param({"messages": USER, "response_format": {"type": "xml"}}, "response_format.type", id="format-type"),
     pytest.param({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
                  id="format-schema-missing"),
-    pytest.param({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-                 id="tools"),
 ]
 
 
@@ -1011,9 +1009,9 @@ def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: P
     llm = las.load_model(las.load_settings(["--mmproj-path", str(mmproj), "--n-ctx", "512"], {}))
     req = las.validate_chat_request({"messages": image_message(data_url(png_bytes(32, 32))), "max_tokens": 20,
                                      "temperature": 0}, las.Settings(model_type="VL"))
-    fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None)))
+    fast = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None, llm.template)))
     llm.tokenizer_ = LlamaTokenizer(llm)
-    slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None)))
+    slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None, llm.template)))
     llm.close()
     assert [c["choices"][0]["delta"] for c in fast] == [c["choices"][0]["delta"] for c in slow]
 
@@ -1504,3 +1502,386 @@ def test_any_schema_gets_200_or_a_400_and_the_server_lives(http: httpx.Client, s
     if response.status_code == 400:
         assert response.json()["error"]["param"] == "response_format.json_schema.schema"
     assert http.get("/health", timeout=5).status_code == 200
+
+
+###############################################################################
+# Tool calling and reasoning
+###############################################################################
+
+#: A Hermes/Qwen-2.5-style ChatML template: renders tools and past calls, answers <tool_call>{...}</tool_call>.
+HERMES_TEMPLATE = r"""{%- if tools %}{{- '<|im_start|>system\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+{%- elif message.role == "assistant" %}{{- '<|im_start|>' + message.role }}{%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
+{%- endfor %}{{- '<|im_end|>\n' }}
+{%- elif message.role == "tool" %}{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+
+#: A Qwen3-style template that opens <think> in the generation prompt unless enable_thinking is false.
+THINK_TEMPLATE = r"""{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- else %}{{- '<think>\n' }}{%- endif %}
+{%- endif %}"""
+
+#: A Gemma-style template that refuses roles that do not alternate.
+ALTERNATING_TEMPLATE = r"""{%- for message in messages %}
+{%- if (message.role == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}
+{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+TOOLS = [WEATHER, ADD]
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def valid_arguments(tool: dict, arguments: str) -> bool:
+    """The few JSON-schema rules the test tools use: required, types, enum, no extra properties."""
+    schema, values = tool["function"]["parameters"], json.loads(arguments)
+    kinds = {"string": str, "integer": int}
+    return (isinstance(values, dict) and set(schema["required"]) <= set(values) <= set(schema["properties"])
+            and all(isinstance(values[k], kinds[schema["properties"][k]["type"]]) for k in values)
+            and all(values[k] in schema["properties"][k].get("enum", [values[k]]) for k in values))
+
+
+def check_calls(calls, tools: list[dict]) -> None:
+    by_name = {tool["function"]["name"]: tool for tool in tools}
+    assert calls, "no tool call"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert valid_arguments(by_name[call.function.name], call.function.arguments), call.function.arguments
+
+
+def streamed_tool_chunks(base_url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def check_tool_stream_shape(chunks: list[dict]) -> list[dict]:
+    """OpenAI's shape: a call's first delta has index, id, type, name and arguments ""; later ones only
+    arguments; name and id never repeated; exactly one chunk says finish_reason tool_calls."""
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for part in chunk["choices"][0]["delta"].get("tool_calls") or []:
+            if part["index"] not in calls:
+                assert set(part) == {"index", "id", "type", "function"} and part["type"] == "function"
+                assert part["function"]["arguments"] == "" and part["function"]["name"]
+                calls[part["index"]] = {"name": part["function"]["name"], "arguments": ""}
+            else:
+                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
+                calls[part["index"]]["arguments"] += part["function"]["arguments"]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]
+    return [calls[i] for i in sorted(calls)]
+
+
+@pytest.fixture(scope="session")
+def hermes_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("hermes")
+    (folder / "hermes.jinja").write_text(HERMES_TEMPLATE)
+    args = ["--api-keys", KEY, "--chat-template-file", str(folder / "hermes.jinja"), "--n-ctx", "1024"]
+    with running_server(folder, args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session", params=["generic", "hermes"])
+def tool_server(request, server: ServerProcess) -> ServerProcess:
+    """The main server (SmolLM2's own template: the generic format) and the Hermes template file."""
+    return server if request.param == "generic" else request.getfixturevalue("hermes_server")
+
+
+def sdk(proc: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proc.base_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+FORCED_CHOICES = [
+    pytest.param({"type": "function", "function": {"name": "get_weather"}}, [WEATHER], id="named-weather"),
+    pytest.param({"type": "function", "function": {"name": "add"}}, [ADD], id="named-add"),
+    pytest.param("required", TOOLS, id="required"),
+]
+
+
+@pytest.mark.parametrize("choice, allowed", FORCED_CHOICES)
+def test_forced_calls_are_valid_against_their_schema(tool_server: ServerProcess, choice, allowed) -> None:
+    body = dict(model="x", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=choice, max_tokens=120,
+                parallel_tool_calls=False, **GREEDY)
+    answer = sdk(tool_server).chat.completions.create(**body)
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.choices[0].message.content is None
+    assert len(answer.choices[0].message.tool_calls) == 1  # parallel_tool_calls false: exactly one
+    check_calls(answer.choices[0].message.tool_calls, allowed)
+    streamed = check_tool_stream_shape(streamed_tool_chunks(tool_server.base_url, body))
+    assert streamed == [{"name": c.function.name, "arguments": c.function.arguments}
+                        for c in answer.choices[0].message.tool_calls]
+
+
+def test_sdk_stream_helper_accumulates_a_valid_call(tool_server: ServerProcess) -> None:
+    with sdk(tool_server).chat.completions.stream(model="x", messages=WEATHER_QUESTION, tools=TOOLS,
+                                                 tool_choice="required", parallel_tool_calls=False,
+                                                 max_tokens=120, **GREEDY) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    check_calls(final.choices[0].message.tool_calls, TOOLS)
+
+
+def test_required_with_parallel_calls_allowed_gives_valid_calls(hermes_server: ServerProcess) -> None:
+    """SmolLM2 goes on writing calls while the grammar allows another: each one that closed before
+    max_tokens is a valid call, whatever the cut left behind."""
+    answer = sdk(hermes_server).chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=TOOLS,
+                                                        tool_choice="required", max_tokens=150, **GREEDY)
+    assert answer.choices[0].finish_reason in ("tool_calls", "length")
+    check_calls(answer.choices[0].message.tool_calls, TOOLS)
+
+
+def test_tool_choice_none_answers_with_text(tool_server: ServerProcess) -> None:
+    answer = sdk(tool_server).chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=TOOLS,
+                                                      tool_choice="none", max_tokens=20, **GREEDY)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+AUTO_PROMPTS = ["What is the weather like in Paris today?", "Add 2 and 3.", "Tell me a joke.",
+                "Use a tool to get the weather in Rome in celsius.", "Hello!"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_auto_never_fails_and_every_call_parses(tool_server: ServerProcess, stream: bool) -> None:
+    for prompt in AUTO_PROMPTS:
+        body = {"messages": [{"role": "user", "content": prompt}], "tools": TOOLS, "max_tokens": 60, **GREEDY}
+        if stream:
+            chunks = streamed_tool_chunks(tool_server.base_url, body)
+            finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+            assert len(finishes) == 1
+            if finishes == ["tool_calls"]:
+                for call in check_tool_stream_shape(chunks):
+                    json.loads(call["arguments"])
+            continue
+        response = httpx.post(tool_server.base_url + "/v1/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert response.status_code == 200, response.text
+        message = response.json()["choices"][0]["message"]
+        for call in message.get("tool_calls") or []:
+            assert call["function"]["name"] in ("get_weather", "add")
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_multi_turn_with_a_tool_result_answers(tool_server: ServerProcess) -> None:
+    client = sdk(tool_server)
+    first = client.chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           parallel_tool_calls=False, max_tokens=120, **GREEDY)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [*WEATHER_QUESTION, first.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    second = client.chat.completions.create(model="x", messages=messages, tools=TOOLS, max_tokens=30, **GREEDY)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert second.choices[0].message.content or second.choices[0].message.tool_calls
+
+
+def test_context_overflow_with_tools_is_context_length_exceeded(tool_server: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(tool_server).chat.completions.create(model="x", messages=[{"role": "user", "content": "word " * 3000}],
+                                                 tools=TOOLS, max_tokens=5)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_legacy_functions_answer_with_function_call(server: ServerProcess) -> None:
+    answer = sdk(server).chat.completions.create(
+        model="x", messages=WEATHER_QUESTION, functions=[WEATHER["function"]], function_call={"name": "get_weather"},
+        max_tokens=120, **GREEDY)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    assert choice.message.function_call.name == "get_weather"
+    assert valid_arguments(WEATHER, choice.message.function_call.arguments)
+    messages = [*WEATHER_QUESTION, {"role": "assistant", "content": None,
+                                    "function_call": choice.message.function_call.model_dump()},
+                {"role": "function", "name": "get_weather", "content": "sunny"}]
+    again = sdk(server).chat.completions.create(model="x", messages=messages, functions=[WEATHER["function"]],
+                                                max_tokens=10, **GREEDY)
+    assert again.choices[0].finish_reason in ("stop", "length", "function_call")
+
+
+TOOL_REQUESTS_REFUSED = [
+    pytest.param({"tools": {"type": "function"}}, "tools", id="tools-not-a-list"),
+    pytest.param({"tools": [{"type": "retrieval"}]}, "tools[0].type", id="not-a-function"),
+    pytest.param({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", id="no-name"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name",
+                 id="invalid-name"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "x" * 65}}]}, "tools[0].function.name",
+                 id="name-too-long"),
+    pytest.param({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", id="duplicate-name"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+                 "tools[0].function.parameters", id="parameters-not-an-object"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 10**6}}}}}]},
+        "tools[0].function.parameters", id="parameters-no-grammar"),
+    pytest.param({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", id="unknown-choice"),
+    pytest.param({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                 "tool_choice", id="named-choice-not-in-tools"),
+    pytest.param({"tool_choice": "required"}, "tool_choice", id="required-without-tools"),
+    pytest.param({"tools": [], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice",
+                 id="named-without-tools"),
+    pytest.param({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", id="parallel-not-bool"),
+    pytest.param({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id",
+                 id="tool-message-without-id"),
+    pytest.param({"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "[1, 2]"}}]}]},
+        "messages[1].tool_calls[0].function.arguments", id="arguments-not-an-object"),
+    pytest.param({"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{broken"}}]}]},
+        "messages[1].tool_calls[0].function.arguments", id="arguments-not-json"),
+    pytest.param({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+                 "response_format", id="response-format-with-required"),
+    pytest.param({"functions": "f"}, "functions", id="functions-not-a-list"),
+    pytest.param({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call",
+                 id="function-call-unknown"),
+    pytest.param({"chat_template_kwargs": ["x"]}, "chat_template_kwargs", id="template-kwargs-not-object"),
+]
+
+
+@pytest.mark.parametrize("extra, param", TOOL_REQUESTS_REFUSED)
+def test_tool_request_mistakes_are_400_naming_the_field(http: httpx.Client, extra: dict, param: str) -> None:
+    response = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_empty_tools_mean_no_tools(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="x", messages=USER, tools=[], max_tokens=3, **GREEDY)
+    assert answer.choices[0].message.tool_calls is None
+
+
+def test_template_raise_exception_is_a_400(model_path: str, tmp_path: Path) -> None:
+    (tmp_path / "alternating.jinja").write_text(ALTERNATING_TEMPLATE)
+    with running_server(tmp_path, ["--chat-template-file", str(tmp_path / "alternating.jinja")]) as proc:
+        bad = httpx.post(proc.base_url + "/v1/chat/completions", timeout=30,
+                         json={"messages": [*USER, *USER], "max_tokens": 2})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["code"] == "invalid_messages" and "alternate" in bad.json()["error"]["message"]
+        good = httpx.post(proc.base_url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=30)
+        assert good.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def think_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("think")
+    (folder / "think.jinja").write_text(THINK_TEMPLATE)
+    with running_server(folder, ["--chat-template-file", str(folder / "think.jinja"), "--n-ctx", "1024"]) as proc:
+        yield proc
+
+
+def test_reasoning_opened_by_the_template_is_reasoning_content(think_server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=think_server.base_url + "/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(model="x", messages=USER, max_tokens=24, **GREEDY)
+    message = answer.choices[0].message.model_dump()
+    assert message["reasoning_content"] and not message["content"]  # SmolLM2 never closes the block
+    chunks = list(client.chat.completions.create(model="x", messages=USER, max_tokens=24, stream=True, **GREEDY))
+    streamed = "".join(c.choices[0].delta.model_dump().get("reasoning_content") or "" for c in chunks if c.choices)
+    assert streamed == message["reasoning_content"]
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_chat_template_kwargs_reach_the_template(think_server: ServerProcess) -> None:
+    response = httpx.post(think_server.base_url + "/v1/chat/completions", timeout=30, json={
+        "messages": USER, "max_tokens": 12, **GREEDY, "chat_template_kwargs": {"enable_thinking": False}})
+    message = response.json()["choices"][0]["message"]
+    assert message["content"] and "reasoning_content" not in message
+
+
+def parse_in_pieces(parser: las.OutputParser, pieces: list[str]) -> list[tuple[str, object]]:
+    """Feed the pieces, then end; merge neighbouring text events of one kind."""
+    events = [event for piece in pieces for event in parser.feed(piece)] + parser.end()
+    merged: list[tuple[str, object]] = []
+    for kind, value in events:
+        if merged and kind == merged[-1][0] and kind != "call":
+            merged[-1] = (kind, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return merged
+
+
+PARSER_CASES = [
+    # tool format, starts inside <think>, model output, expected events
+    ("hermes", False, 'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+     [("content", "Sure.\n"), ("call", las.ParsedCall("add", '{"a": 1, "b": 2}'))]),
+    ("hermes", False, '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>\n<tool_call>'
+                      '{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>',
+     [("call", las.ParsedCall("add", '{"a": 1}')), ("call", las.ParsedCall("get_weather", '{"city": "Rome"}'))]),
+    ("hermes", False, '<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
+     [("content", '<tool_call>{"name": "nope", "arguments": {}}</tool_call>')]),
+    ("hermes", False, "a < b and <tool_ca", [("content", "a < b and <tool_ca")]),
+    ("hermes", False, '<tool_call>{"name": "add", "arguments": {"a": 1}}',  # ended without the closing tag
+     [("call", las.ParsedCall("add", '{"a": 1}'))]),
+    ("generic", False, '{"tool_calls": [{"name": "add", "arguments": {"a": 5, "b": 6}}]}',
+     [("call", las.ParsedCall("add", '{"a": 5, "b": 6}'))]),
+    ("generic", False, '{"answer": 42}', [("content", '{"answer": 42}')]),
+    ("generic", False, 'Plain text {"tool_calls": []}', [("content", 'Plain text {"tool_calls": []}')]),
+    (None, True, "Let me think.</think>The answer.", [("reasoning", "Let me think."), ("content", "The answer.")]),
+    (None, False, "<think>Hmm</think>\n\nHello", [("reasoning", "Hmm"), ("content", "Hello")]),
+    (None, False, "No thinking here", [("content", "No thinking here")]),
+    ("hermes", True, 'plan</think><tool_call>{"name": "add", "arguments": {}}</tool_call>',
+     [("reasoning", "plan"), ("call", las.ParsedCall("add", "{}"))]),
+]
+
+
+@pytest.mark.parametrize("tool_format, in_think, text, expected", PARSER_CASES)
+def test_output_parser_splits_markers_at_every_position(tool_format, in_think: bool, text: str, expected) -> None:
+    """The same events whether the text comes whole, cut once at any position, or a character at a time."""
+    def parser() -> las.OutputParser:
+        return las.OutputParser(tool_format, {"add", "get_weather"}, reasoning=True, in_think=in_think)
+
+    assert parse_in_pieces(parser(), [text]) == expected
+    assert parse_in_pieces(parser(), list(text)) == expected
+    for cut in range(1, len(text)):
+        assert parse_in_pieces(parser(), [text[:cut], text[cut:]]) == expected, cut
+
+
+def test_image_request_may_carry_tools(vl_server: ServerProcess) -> None:
+    response = httpx.post(vl_server.base_url + "/v1/chat/completions", timeout=60, json={
+        "messages": image_message(data_url(png_bytes(32, 32)), "What is in the image? Call a tool."),
+        "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "add"}}, "max_tokens": 60, **GREEDY})
+    assert response.status_code == 200, response.text
+    call = response.json()["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "add" and valid_arguments(ADD, call["function"]["arguments"])
+
+
+@pytest.mark.parametrize("grammar", ['root ::= "a"{5,2}', 'root ::= "a"{2001}', 'root ::= "a"{1,2,3}'])
+def test_grammar_repetitions_llama_cpp_would_mishandle_are_refused(grammar: str) -> None:
+    """{5,2} wraps around inside llama.cpp's parser (2^64 rules: the process dies)."""
+    with pytest.raises(las.GrammarError):
+        las.parse_gbnf(grammar)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 20, "maxItems": 2},
+    {"type": "string", "minLength": 9, "maxLength": 3},
+    {"type": "string", "pattern": "^a{5,2}$"},
+])
+def test_bounds_that_can_never_match_are_refused(schema: dict) -> None:
+    with pytest.raises(las.GrammarError):
+        las.json_schema_grammar(schema)
