@@ -58,6 +58,7 @@ from llama_cpp.llama_tokenizer import LlamaTokenizer
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -113,6 +114,8 @@ class Settings:
     api_keys: tuple[str, ...] = _opt((), "comma-separated Bearer keys; none: auth off (loopback only)", repr=False)
     api_keys_file: str = _opt("", "file with one API key a line, added to API_KEYS")
     allow_no_auth: bool = _opt(False, "serve without API keys on a non-loopback HOST (dangerous)")
+    metrics_require_key: bool = _opt(False, "GET /metrics needs an API key too (open by default, like /health)")
+    cors_origins: tuple[str, ...] = _opt((), "comma-separated origins browsers may call from; * for any")
     n_ctx: int = _opt(4096, "context size in tokens; 0 means the model's training context")
     n_threads: int = _opt(0, "CPU threads for llama.cpp; 0 means one per physical core (llama.cpp's own choice)")
     n_batch: int = _opt(512, "prompt tokens evaluated per llama.cpp batch")
@@ -364,6 +367,7 @@ TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 TOOL_CHOICES = ("none", "auto", "required")
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 8  # n: choices are generated one after another, so each costs a whole answer
 INT32_MAX = 2**31 - 1
 
 
@@ -383,6 +387,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     legacy_functions: bool = False  # asked with functions/function_call: answer with function_call
     template_kwargs: dict = field(default_factory=dict)
+    n: int = 1  # choices
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -434,6 +439,7 @@ def validate_chat_request(body: Any, settings: Settings, n_vocab: int = INT32_MA
     messages, images = _validate_messages(body.get("messages"), settings)
     stream = _flag(body, "stream")
     req = ChatRequest(messages=messages, params=_sampling_params(body, settings.logprobs, n_vocab), stream=stream, images=images)
+    req.n = req.params.pop("n", 1)
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
@@ -539,9 +545,7 @@ def _sampling_params(body: dict, logprobs: bool, n_vocab: int) -> dict[str, Any]
     max_tokens = _number(body, "max_tokens", 1, 2**63, integer=True)
     max_completion = _number(body, "max_completion_tokens", 1, 2**63, integer=True)
     params["max_tokens"] = max_completion if max_completion is not None else max_tokens
-    n = _number(body, "n", -2**63, 2**63, integer=True)
-    if n not in (None, 1):
-        raise _bad("Only 'n': 1 is supported", "n")
+    params["n"] = _number(body, "n", 1, MAX_CHOICES, integer=True)
     params["stop"] = _validate_stop(body.get("stop"))
     params["logit_bias"] = _validate_logit_bias(body.get("logit_bias"), n_vocab)
     if _flag(body, "logprobs"):
@@ -1478,15 +1482,25 @@ def _partial_suffix(text: str, marker: str) -> int:
 class ChatOutput:
     """create_chat_completion's chunks in, the answer's chunks out: content, reasoning_content and
     tool calls in OpenAI's streaming shape (a call's first delta names it, later ones carry only
-    argument text; legacy function requests get function_call). Logprobs ride on the next chunk out."""
+    argument text; legacy function requests get function_call). Logprobs ride on the next chunk out.
+    Every chunk gets the server's system_fingerprint, and the first delta `content: ""` beside its
+    role, as OpenAI's do (clients that index delta["content"] break without it). With n > 1 the
+    choices come one after another, each parsed afresh."""
 
-    def __init__(self, make_parser: Callable[[], OutputParser] | None, legacy_functions: bool = False) -> None:
-        self._make_parser, self._legacy = make_parser, legacy_functions
+    def __init__(self, make_parser: Callable[[], OutputParser] | None, legacy_functions: bool = False,
+                 fingerprint: str | None = None) -> None:
+        self._make_parser, self._legacy, self._fingerprint = make_parser, legacy_functions, fingerprint
         self._parser: OutputParser | None = None
+        self._index = 0
         self._calls = 0
         self._logprobs: list = []
 
     def __call__(self, chunks: list[dict]) -> list[dict]:
+        for chunk in chunks:
+            chunk["system_fingerprint"] = self._fingerprint
+            delta = chunk["choices"][0]["delta"]
+            if "role" in delta and delta.get("content") is None:
+                delta["content"] = ""
         if self._make_parser is None:
             return chunks
         if self._parser is None:  # built at the first chunk: the template has rendered the prompt by then
@@ -1495,13 +1509,15 @@ class ChatOutput:
         for chunk in chunks:
             choice = chunk["choices"][0]
             delta = choice["delta"]
+            if choice["index"] != self._index:  # the next of n choices
+                self._index, self._parser, self._calls, self._logprobs = choice["index"], self._make_parser(), 0, []
             if choice.get("logprobs") and choice["logprobs"].get("content"):
                 self._logprobs += choice["logprobs"]["content"]
             events = self._parser.feed(delta["content"]) if delta.get("content") else []
             if choice.get("finish_reason"):
                 events += self._parser.end()
             if delta.get("role"):
-                out.append(self._chunk(chunk, {"role": delta["role"]}))
+                out.append(self._chunk(chunk, {"role": delta["role"], "content": ""}))
             for kind, value in events:
                 out += self._event_chunks(chunk, kind, value)
             if choice.get("finish_reason"):
@@ -1532,7 +1548,8 @@ class ChatOutput:
         logprobs = None
         if self._logprobs and (delta.get("content") or finish):
             logprobs, self._logprobs = {"content": self._logprobs, "refusal": None}, []
-        return {**like, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        return {**like, "choices": [{"index": self._index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish}]}
 
 
 @functools.lru_cache(maxsize=256)
@@ -1571,18 +1588,19 @@ def request_grammar(req: ChatRequest, info: TemplateInfo, max_branches: int,
     return llama_grammar.LlamaGrammar.from_string(text, verbose=False)
 
 
-def chat_output(req: ChatRequest, info: TemplateInfo, messages: TemplateMessages) -> ChatOutput:
-    """The output pipeline for one request: a plain request passes its chunks through untouched."""
+def chat_output(req: ChatRequest, info: TemplateInfo, messages: TemplateMessages,
+                fingerprint: str | None = None) -> ChatOutput:
+    """The output pipeline for one request: a plain request's chunks pass with two fields added."""
     tool_format = info.tool_format if req.tools and req.tool_choice != "none" else None
     if tool_format is None and not info.reasoning:
-        return ChatOutput(None)
+        return ChatOutput(None, fingerprint=fingerprint)
     names = {req.tool_name} if req.tool_name else {tool["name"] for tool in req.tools}
 
     def make_parser() -> OutputParser:  # a prompt that ends inside <think>: the answer starts by reasoning
         in_think = bool(messages.prompt and messages.prompt.rstrip().endswith(THINK_OPEN))
         return OutputParser(tool_format, names, info.reasoning, in_think)
 
-    return ChatOutput(make_parser, req.legacy_functions)
+    return ChatOutput(make_parser, req.legacy_functions, fingerprint)
 
 
 ###############################################################################
@@ -1653,13 +1671,21 @@ class ServedLlama(llama_cpp.Llama):
     prompt_tokens = 0
     sampled_tokens = 0
     last_token = -1
+    #: The next generation's max_tokens. llama-cpp-python skips its length check while a character's
+    #: bytes are incomplete (max_tokens 8 gave 9 tokens of CJK text); here generation ends at the
+    #: limit, or at the end of the context, whatever the bytes.
+    token_budget: int | None = None
+    load_seconds = 0.0
 
     def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
         self.prompt_tokens, self.sampled_tokens = len(tokens), 0
+        budget = min(self.token_budget or self.n_ctx(), self.n_ctx() - len(tokens))
         for token in super().generate(tokens, *args, **kwargs):
             self.sampled_tokens += 1
             self.last_token = token
             yield token
+            if self.sampled_tokens >= budget:
+                return
 
     def usage(self) -> dict[str, int]:
         # The end-of-generation token is sampled but is not part of the completion.
@@ -1790,6 +1816,7 @@ def load_model(settings: Settings) -> ServedLlama:
     flash_attn, why = choose_flash_attn(settings.flash_attn, llama_cpp.llama_supports_gpu_offload(),
                                         settings.n_gpu_layers)
     log.info("flash attention %s (%s); %d threads", "on" if flash_attn else "off", why, settings.n_threads)
+    started = time.perf_counter()
     try:
         llm = ServedLlama(
             model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
@@ -1812,6 +1839,7 @@ def load_model(settings: Settings) -> ServedLlama:
     # One throwaway decode allocates llama.cpp's compute buffers now: the first request was ~150 ms slower.
     llm.eval([llm.token_bos()])
     llm.reset()
+    llm.load_seconds = time.perf_counter() - started
     if handler is not None:
         try:  # load the projector now, so a bad mmproj stops startup instead of a request
             handler._init_mtmd_context(llm)
@@ -1846,6 +1874,10 @@ class Gate:
 
     def release(self) -> None:
         self._lock.release()
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
 
 
 _END = object()
@@ -1895,7 +1927,27 @@ class Stats:
 
 def _finish_chunk(last: dict, reason: str) -> dict:
     """The closing chunk of a stream that the server ends itself."""
-    return {**last, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+    index = last["choices"][0]["index"]
+    return {**last, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+
+
+def _add_usage(total: dict | None, more: dict) -> dict:
+    """n choices share one prompt: it is counted once, their completions added up."""
+    if total is None:
+        return more
+    completion = total["completion_tokens"] + more["completion_tokens"]
+    return {**total, "completion_tokens": completion, "total_tokens": total["prompt_tokens"] + completion}
+
+
+@dataclass
+class Job:
+    """What one request asks the worker to generate, and how the chunks come back."""
+
+    kwargs: dict  # create_chat_completion's keyword arguments
+    output: ChatOutput = field(default_factory=lambda: ChatOutput(None))  # raw chunks -> the answer's
+    choices: int = 1  # n: generated one after another
+    wake_interval: float = STREAM_WAKE_INTERVAL  # math.inf: wake the loop only at the end (a JSON answer)
+    time_limit: float = 0.0  # MAX_GENERATION_SECONDS; 0: none
 
 
 class Generation:
@@ -1911,13 +1963,10 @@ class Generation:
     GPU); on 2 CPU cores the difference was within this VM's noise.
     """
 
-    def __init__(self, llm: ServedLlama, kwargs: dict, release: Callable[[], None], stats: Stats,
-                 worker: concurrent.futures.Executor, shutdown: Shutdown, wake_interval: float,
-                 time_limit: float = 0.0, output: ChatOutput | None = None) -> None:
-        self._llm, self._kwargs, self._release, self.stats = llm, kwargs, release, stats
-        self._output = output or ChatOutput(None)
-        self._shutdown, self._wake_interval = shutdown, wake_interval
-        self._time_limit = time_limit or math.inf
+    def __init__(self, llm: ServedLlama, job: Job, release: Callable[[], None], stats: Stats,
+                 worker: concurrent.futures.Executor, shutdown: Shutdown) -> None:
+        self._llm, self._job, self._release, self.stats = llm, job, release, stats
+        self._shutdown = shutdown
         self._loop = asyncio.get_running_loop()
         self._ready: collections.deque = collections.deque()
         self._woken = asyncio.Event()
@@ -1932,22 +1981,31 @@ class Generation:
             self._loop.call_soon_threadsafe(self._woken.set)
 
     def _run(self) -> None:
-        chunks, next_wake = None, 0.0
-        deadline = time.monotonic() + self._time_limit
+        chunks, next_wake, job = None, 0.0, self._job
+        deadline = time.monotonic() + (job.time_limit or math.inf)
         try:
-            chunks = self._llm.create_chat_completion(stream=True, **self._kwargs)
-            for chunk in chunks:
+            for index in range(job.choices):  # n > 1: one after another, each with its own seed
+                kwargs = job.kwargs
+                if index and kwargs.get("seed") is not None:
+                    kwargs = {**kwargs, "seed": (kwargs["seed"] + index) & 0xFFFFFFFF}
+                self._llm.token_budget = kwargs.get("max_tokens")
+                chunks = self._llm.create_chat_completion(stream=True, **kwargs)
+                for chunk in chunks:
+                    if self._cancelled.is_set():
+                        break
+                    chunk["choices"][0]["index"] = index
+                    self._ready.append(chunk)
+                    if time.monotonic() > deadline and chunk["choices"][0]["finish_reason"] is None:
+                        self._ready.append(_finish_chunk(chunk, "length"))  # MAX_GENERATION_SECONDS passed
+                        break
+                    if (now := time.monotonic()) >= next_wake:
+                        self._wake()
+                        if chunk["choices"][0]["delta"].get("content"):  # the first token goes out at once
+                            next_wake = now + job.wake_interval
+                chunks.close()
+                self.stats.usage = _add_usage(self.stats.usage, self._llm.usage())
                 if self._cancelled.is_set():
                     break
-                self._ready.append(chunk)
-                if time.monotonic() > deadline and chunk["choices"][0]["finish_reason"] is None:
-                    self._ready.append(_finish_chunk(chunk, "length"))  # MAX_GENERATION_SECONDS passed
-                    break
-                if (now := time.monotonic()) >= next_wake:
-                    self._wake()
-                    if chunk["choices"][0]["delta"].get("content"):  # the first token goes out at once
-                        next_wake = now + self._wake_interval
-            self.stats.usage = self._llm.usage()
             self._ready.append(_END)
         except BaseException as exc:  # handed to the request; it decides 400 or 500
             self._ready.append(exc)
@@ -1978,7 +2036,7 @@ class Generation:
         """The answer's chunks ready now (waiting for one); [] at the end. Raises what the worker raised."""
         while True:
             raw = await self._next_raw()
-            chunks = self._output(raw)  # may hold text back: wait for more until it says something
+            chunks = self._job.output(raw)  # may hold text back: wait for more until it says something
             if chunks or not raw:
                 return chunks
 
@@ -2036,12 +2094,25 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
 
 
 def chat_completion(chunks: list[dict], usage: dict | None) -> dict:
-    """The non-streaming answer, assembled from the stream's chunks (content, reasoning, calls)."""
-    first, content, reasoning, tokens, finish = chunks[0], [], [], [], "stop"
+    """The non-streaming answer, assembled from the stream's chunks: one choice per index."""
+    first = chunks[0]
+    by_index: dict[int, list[dict]] = {}
+    for chunk in chunks:
+        by_index.setdefault(chunk["choices"][0]["index"], []).append(chunk["choices"][0])
+    return {
+        "id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
+        "system_fingerprint": first.get("system_fingerprint"),
+        "choices": [_choice(index, by_index[index]) for index in sorted(by_index)],
+        "usage": usage,
+    }
+
+
+def _choice(index: int, deltas: list[dict]) -> dict:
+    """One choice from its streamed deltas: content, reasoning, tool calls, logprobs, finish."""
+    content, reasoning, tokens, finish = [], [], [], "stop"
     calls: dict[int, dict] = {}
     function_call: dict | None = None
-    for chunk in chunks:
-        choice = chunk["choices"][0]
+    for choice in deltas:
         delta = choice["delta"]
         content.append(delta.get("content") or "")
         reasoning.append(delta.get("reasoning_content") or "")
@@ -2063,17 +2134,13 @@ def chat_completion(chunks: list[dict], usage: dict | None) -> dict:
     if calls or function_call:
         message["content"] = text if text.strip() else None  # an answer of only calls has no content
     if calls:
-        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
     if function_call:
         message["function_call"] = function_call
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
-    return {
-        "id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": {"content": tokens} if tokens else None, "finish_reason": finish}],
-        "usage": usage,
-    }
+    return {"index": index, "message": message, "logprobs": {"content": tokens} if tokens else None,
+            "finish_reason": finish}
 
 
 async def collect(generation: Generation, first: list[dict]) -> dict:
@@ -2099,7 +2166,7 @@ async def sse_events(generation: Generation, first: list[dict], include_usage: b
             yield b"".join(_sse(chunk) for chunk in batch)  # what is ready goes out in one write
             batch = await generation.next_chunks()
         if include_usage:
-            usage_chunk = {key: first[0][key] for key in ("id", "object", "created", "model")}
+            usage_chunk = {key: first[0].get(key) for key in ("id", "object", "created", "model", "system_fingerprint")}
             yield _sse({**usage_chunk, "choices": [], "usage": generation.stats.usage})
         yield {"data": "[DONE]"}
     except Exception as exc:
@@ -2120,9 +2187,13 @@ class BearerAuthMiddleware:
         self.app = app
         self.configure(keys)
 
-    def configure(self, keys: tuple[str, ...]) -> None:
+    def configure(self, keys: tuple[str, ...], metrics_need_key: bool = False) -> None:
         """Set the keys; the app factory calls it once the lifespan has read the settings."""
         self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self._metrics_need_key = metrics_need_key
+
+    def protects(self, path: str) -> bool:
+        return path.startswith("/v1") or (path == "/metrics" and self._metrics_need_key)
 
     def authorized(self, header: str) -> bool:
         scheme, _, key = header.partition(" ")
@@ -2132,7 +2203,7 @@ class BearerAuthMiddleware:
         return scheme.lower() == "bearer" and any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not self._digests or not self.protects(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -2144,11 +2215,28 @@ class BearerAuthMiddleware:
         await error.response()(scope, receive, send)
 
 
-class RequestLogMiddleware:
-    """One log line per request: id, status, tokens, time to first token, total time, tokens/s."""
+class CORSGate:
+    """Starlette's CORSMiddleware in front of auth when CORS_ORIGINS is set: a browser's preflight
+    (OPTIONS, which never carries the key) is answered before auth; every other rule of auth stays."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        self.app: ASGIApp = app
+        self._cors: ASGIApp | None = None
+
+    def configure(self, origins: tuple[str, ...]) -> None:
+        self._cors = CORSMiddleware(self.app, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"],
+                                    expose_headers=["X-Request-Id"]) if origins else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self._cors or self.app)(scope, receive, send)
+
+
+class RequestLogMiddleware:
+    """One log line per request (id, status, tokens, time to first token, total time, tokens/s),
+    and the same request counted in the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -2173,6 +2261,8 @@ class RequestLogMiddleware:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(stats.done.wait(), 10)
             log.info("%s", _log_line(request_id, scope, status, started, stats))
+            if self.metrics is not None:
+                self.metrics.record(scope["path"], status, started, stats)
 
 
 def _log_line(request_id: str, scope: Scope, status: int, started: float, stats: Stats | None) -> str:
@@ -2187,6 +2277,102 @@ def _log_line(request_id: str, scope: Scope, status: int, started: float, stats:
     rate = completion / decode if completion and decode > 0 else 0.0
     return (f"{line} prompt_tokens={usage.get('prompt_tokens', '-')} completion_tokens={completion} "
             f"ttft={ttft} tok/s={rate:.1f}")
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+# GET /metrics in Prometheus' text format, written by hand: a few counters and histograms do not
+# need prometheus_client's registry. The names follow vLLM's meanings with this server's prefix,
+# what KEDA or a gateway's inference extension scale and route on.
+
+PREFIX = "llmapiserver:"
+#: The routes a request is counted under; anything else is "other" (a scanner must not add series).
+METRIC_ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800, 1600)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum, self.count = self.sum + value, self.count + 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """What one server has done since it started; gauges are read from the gate when scraped."""
+
+    HELP = {
+        "requests_total": ("counter", "HTTP requests by route and status"),
+        "requests_rejected_total": ("counter", "requests refused before generating, by reason"),
+        "prompt_tokens_total": ("counter", "prompt tokens evaluated"),
+        "generation_tokens_total": ("counter", "tokens generated"),
+        "requests_waiting": ("gauge", "requests waiting for the model"),
+        "requests_running": ("gauge", "requests generating"),
+        "time_to_first_token_seconds": ("histogram", "from a generation request's arrival to its first token"),
+        "request_queue_time_seconds": ("histogram", "from a generation request's arrival to its admission"),
+        "e2e_request_latency_seconds": ("histogram", "from a generation request's arrival to its end"),
+        "decode_tokens_per_second": ("histogram", "generated tokens per second after the first token"),
+        "model_load_seconds": ("gauge", "seconds the model took to load"),
+    }
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.prompt_tokens = self.generation_tokens = 0
+        self.model_load_seconds = 0.0
+        self.histograms = {name: Histogram(RATE_BUCKETS if name.startswith("decode") else LATENCY_BUCKETS)
+                           for name, (kind, _) in self.HELP.items() if kind == "histogram"}
+
+    def record(self, path: str, status: int, started: float, stats: Stats | None) -> None:
+        """One finished request (called by RequestLogMiddleware, with perf_counter times)."""
+        route = "/v1/models/{model}" if path.startswith("/v1/models/") else path if path in METRIC_ROUTES else "other"
+        self.requests[(route, status)] += 1
+        if status in (429, 503):
+            self.rejected["queue_full" if status == 429 else "shutting_down"] += 1
+        if stats is None:
+            return
+        usage = stats.usage or {}
+        self.prompt_tokens += usage.get("prompt_tokens", 0)
+        self.generation_tokens += usage.get("completion_tokens", 0)
+        now = time.perf_counter()
+        self.histograms["request_queue_time_seconds"].observe(stats.started - started)
+        self.histograms["e2e_request_latency_seconds"].observe(now - started)
+        if stats.first_token is not None:
+            self.histograms["time_to_first_token_seconds"].observe(stats.first_token - started)
+            if usage.get("completion_tokens", 0) > 1 and now > stats.first_token:
+                self.histograms["decode_tokens_per_second"].observe(
+                    (usage["completion_tokens"] - 1) / (now - stats.first_token))
+
+    def render(self, waiting: int, running: int) -> str:
+        values: dict[str, list[str]] = {
+            "requests_total": [f'{{route="{route}",status="{status}"}} {n}'
+                               for (route, status), n in sorted(self.requests.items())],
+            "requests_rejected_total": [f'{{reason="{reason}"}} {n}' for reason, n in sorted(self.rejected.items())],
+            "prompt_tokens_total": [f" {self.prompt_tokens}"],
+            "generation_tokens_total": [f" {self.generation_tokens}"],
+            "requests_waiting": [f" {waiting}"],
+            "requests_running": [f" {running}"],
+            "model_load_seconds": [f" {self.model_load_seconds}"],
+        }
+        lines = []
+        for name, (kind, text) in self.HELP.items():
+            full = PREFIX + name
+            lines += [f"# HELP {full} {text}", f"# TYPE {full} {kind}"]
+            if kind == "histogram":
+                lines += self.histograms[name].lines(full)
+            else:
+                lines += [full + value for value in values[name]]
+        return "\n".join(lines) + "\n"
 
 
 ###############################################################################
@@ -2240,15 +2426,15 @@ async def chat_completions(request: Request) -> Response:
         grammar = await asyncio.to_thread(request_grammar, req, info, state.settings.max_grammar_branches,
                                           state.check_native_grammar)
     kwargs = completion_kwargs(req, state.settings.model_name, grammar, info)
-    output = chat_output(req, info, kwargs["messages"])
+    output = chat_output(req, info, kwargs["messages"], state.fingerprint)
     n_ctx = state.llm.n_ctx()
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await unless_disconnected(state.gate.acquire(), disconnected, lambda _: state.gate.release())
         stats = request.state.stats = Stats()
-        wake_interval = STREAM_WAKE_INTERVAL if req.stream else math.inf  # a JSON answer needs only the end
-        generation = Generation(state.llm, kwargs, state.gate.release, stats, state.worker, state.shutdown,
-                                wake_interval, state.settings.max_generation_seconds, output)
+        job = Job(kwargs, output, req.n, STREAM_WAKE_INTERVAL if req.stream else math.inf,
+                  state.settings.max_generation_seconds)
+        generation = Generation(state.llm, job, state.gate.release, stats, state.worker, state.shutdown)
         try:
             first = await unless_disconnected(generation.next_chunks(), disconnected)
             if not first:
@@ -2269,6 +2455,14 @@ async def chat_completions(request: Request) -> Response:
         return Response(status_code=499)
     finally:
         disconnected.cancel()
+
+
+def system_fingerprint(settings: Settings) -> str:
+    """What the answers depend on besides the request: this server's version, the model file, the
+    template; OpenAI's clients log it to notice when the backend changed."""
+    model = Path(settings.model_path)
+    identity = f"{__version__}|{model.name}|{model.stat().st_size}|{settings.chat_template_file}|{settings.n_ctx}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
 
 
 def _model_card(settings: Settings, created: int) -> dict:
@@ -2292,15 +2486,32 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    gate = state.gate
+    text = state.metrics.render(waiting=gate.waiting, running=int(gate.running))
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
 
 
+#: What /v1 serves, for the 404 of any other /v1 path.
+SERVED_ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}"
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = request.url.path
+    message = f"{exc.detail}: {request.method} {path}"
+    if exc.status_code == 404 and path.rstrip("/") in ("/v1/embeddings", "/embeddings"):
+        message = "This server serves a chat model only: it has no embeddings (/v1/embeddings)"
+    elif exc.status_code == 404 and path.startswith("/v1"):
+        message = f"Unknown route {request.method} {path}; this server serves {SERVED_ROUTES}"
     code = "not_found" if exc.status_code == 404 else None
-    return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code).response()
+    return APIError(exc.status_code, message, code=code).response()
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -2315,6 +2526,7 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
     A model passed in must have been loaded on `worker` (see `llama_thread`).
     """
     worker = worker or llama_thread()
+    recorded = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -2328,10 +2540,14 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
         app.state.worker = worker
         app.state.n_vocab = llm.n_vocab()
+        app.state.fingerprint = system_fingerprint(settings)
         app.state.check_native_grammar = NativeGrammarCheck(llama_cpp.llama_model_get_vocab(llm.model))
         app.state.shutdown = Shutdown(settings.shutdown_grace)
         app.state.shutdown.begin_on_signals()
-        auth.configure(settings.api_keys)
+        auth.configure(settings.api_keys, settings.metrics_require_key)
+        cors.configure(settings.cors_origins)
+        app.state.metrics = recorded
+        recorded.model_load_seconds = llm.load_seconds
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
                  settings.host, settings.port, "on" if settings.api_keys else "off")
         try:
@@ -2347,10 +2563,12 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
     auth = BearerAuthMiddleware(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan))
-    return RequestLogMiddleware(auth)
+    cors = CORSGate(auth)
+    return RequestLogMiddleware(cors, recorded)
 
 
 ###############################################################################

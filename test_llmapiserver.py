@@ -341,10 +341,13 @@ def test_health_needs_no_key(server: ServerProcess) -> None:
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_unknown_route_is_an_openai_404(http: httpx.Client) -> None:
+def test_unknown_route_is_an_openai_404_listing_the_routes(http: httpx.Client) -> None:
     response = http.get("/v1/nothing")
     assert response.status_code == 404
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert "POST /v1/chat/completions" in response.json()["error"]["message"]
+    embeddings = http.post("/v1/embeddings", json={"input": "x"})
+    assert embeddings.status_code == 404 and "chat model only" in embeddings.json()["error"]["message"]
 
 
 AUTH_CASES = [
@@ -417,7 +420,8 @@ BAD_REQUESTS = [
     pytest.param({"messages": USER, "max_tokens": 1.5}, "max_tokens", id="max-tokens-float"),
     pytest.param({"messages": USER, "max_tokens": True}, "max_tokens", id="max-tokens-bool"),
     pytest.param({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", id="max-completion"),
-    pytest.param({"messages": USER, "n": 2}, "n", id="n-two"),
+    pytest.param({"messages": USER, "n": 9}, "n", id="n-over-8"),
+    pytest.param({"messages": USER, "n": 0}, "n", id="n-zero"),
     pytest.param({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", id="stop-five"),
     pytest.param({"messages": USER, "stop": [1]}, "stop", id="stop-number"),
     pytest.param({"messages": USER, "stop": [""]}, "stop", id="stop-empty"),
@@ -1885,3 +1889,118 @@ def test_grammar_repetitions_llama_cpp_would_mishandle_are_refused(grammar: str)
 def test_bounds_that_can_never_match_are_refused(schema: dict) -> None:
     with pytest.raises(las.GrammarError):
         las.json_schema_grammar(schema)
+
+
+###############################################################################
+# OpenAI surface: fingerprint, first delta, max_tokens, CORS, metrics
+###############################################################################
+
+
+def test_every_answer_and_chunk_has_a_system_fingerprint(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="x", messages=USER, max_tokens=3, **GREEDY)
+    assert answer.system_fingerprint and answer.system_fingerprint.startswith("fp_")
+    chunks = list(client.chat.completions.create(model="x", messages=USER, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert {c.system_fingerprint for c in chunks} == {answer.system_fingerprint}
+
+
+def test_first_streamed_delta_has_empty_content_beside_the_role(http: httpx.Client) -> None:
+    with http.stream("POST", "/v1/chat/completions", json=ask(stream=True)) as response:
+        first = json.loads(sse_events(response)[0])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_max_tokens_is_never_exceeded_on_split_multibyte_text(client: openai.OpenAI, stream: bool) -> None:
+    """llama-cpp-python skips its length check while a character is incomplete: 8 gave 9 tokens."""
+    messages = [{"role": "user", "content": "用中文写一首关于大海的长诗，多用表情符号 🌊🐚🐠"}]
+    for max_tokens in range(1, 13):
+        if stream:
+            chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens,
+                                                         stream=True, stream_options={"include_usage": True},
+                                                         logit_bias=NO_EOS, **GREEDY))
+            usage, finish = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            answer = client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens,
+                                                    logit_bias=NO_EOS, **GREEDY)
+            usage, finish = answer.usage, answer.choices[0].finish_reason
+        assert usage.completion_tokens == max_tokens and finish == "length", max_tokens
+
+
+def test_cors_preflight_needs_no_key_and_the_rest_of_auth_stays(model_path: str, tmp_path: Path) -> None:
+    origin = "https://app.example"
+    with running_server(tmp_path, ["--api-keys", KEY, "--cors-origins", origin]) as proc:
+        preflight = httpx.options(proc.base_url + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        keyless = httpx.post(proc.base_url + "/v1/chat/completions", json=ask(), headers={"Origin": origin})
+        assert keyless.status_code == 401
+        keyed = httpx.post(proc.base_url + "/v1/chat/completions", json=ask(max_tokens=2),
+                           headers={"Origin": origin, "Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert keyed.status_code == 200 and keyed.headers["access-control-allow-origin"] == origin
+        other = httpx.options(proc.base_url + "/v1/chat/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def scrape(base_url: str, headers: dict | None = None) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(base_url + "/metrics", headers=headers or {})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" not in sample.labels:
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+def test_metrics_are_prometheus_text_and_count_the_requests(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--api-keys", KEY, "--max-queue", "0"]) as proc:
+        before = scrape(proc.base_url)  # open without a key, like /health
+        assert before["llmapiserver:model_load_seconds"] > 0 and before["llmapiserver:requests_waiting"] == 0
+        headers = {"Authorization": f"Bearer {KEY}"}
+        answers = [httpx.post(proc.base_url + "/v1/chat/completions", json=ask(max_tokens=n), headers=headers,
+                              timeout=30).json() for n in (3, 5)]
+        httpx.post(proc.base_url + "/v1/chat/completions", json={"messages": []}, headers=headers)
+        after = scrape(proc.base_url)
+        route = "route=/v1/chat/completions"
+        assert after[f"llmapiserver:requests_total{{{route},status=200}}"] == 2
+        assert after[f"llmapiserver:requests_total{{{route},status=400}}"] == 1
+        assert after["llmapiserver:generation_tokens_total"] == sum(a["usage"]["completion_tokens"] for a in answers)
+        assert after["llmapiserver:prompt_tokens_total"] == sum(a["usage"]["prompt_tokens"] for a in answers)
+        assert after["llmapiserver:time_to_first_token_seconds_count"] == 2
+        assert after["llmapiserver:e2e_request_latency_seconds_count"] == 2
+
+
+def test_metrics_can_require_the_key(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--api-keys", KEY, "--metrics-require-key"]) as proc:
+        assert httpx.get(proc.base_url + "/metrics").status_code == 401
+        assert scrape(proc.base_url, {"Authorization": f"Bearer {KEY}"})["llmapiserver:requests_running"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_n_choices_each_complete_with_summed_usage(client: openai.OpenAI, stream: bool) -> None:
+    kwargs = dict(model="x", messages=[{"role": "user", "content": "Name a colour."}], n=3, max_tokens=6,
+                  temperature=1.0, seed=11)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(3)}
+        finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks if c.choices
+                    and c.choices[0].finish_reason]
+        assert [index for index, _ in finishes] == [0, 1, 2]  # one finish per choice
+        usage = chunks[-1].usage
+    else:
+        answer = client.chat.completions.create(**kwargs)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        texts = {c.index: c.message.content for c in answer.choices}
+        usage = answer.usage
+    assert all(texts.values())
+    single = client.chat.completions.create(**{**kwargs, "n": 1, "temperature": 0})
+    assert usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is counted once
+    assert usage.completion_tokens <= 3 * 6 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens

@@ -94,8 +94,7 @@ def per_token_server_path(llm: las.ServedLlama, worker, n: int) -> float:
         await gate.acquire()
         started = time.perf_counter()
         kwargs = {"messages": MESSAGES, "max_tokens": n, "temperature": 0}
-        generation = las.Generation(llm, kwargs, gate.release, las.Stats(), worker,
-                                    las.Shutdown(10), las.STREAM_WAKE_INTERVAL)
+        generation = las.Generation(llm, las.Job(kwargs), gate.release, las.Stats(), worker, las.Shutdown(10))
         first = await generation.next_chunks()
         async for _ in las.sse_events(generation, first, True, 8192):
             pass
