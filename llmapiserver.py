@@ -1226,14 +1226,13 @@ Otherwise answer the user directly, without JSON."""
 class TemplateInfo:
     """What the server learnt from the chat template's source at startup."""
 
-    source: str  # the Jinja template ("" when the model has none)
     tool_format: str  # "hermes" or "generic"
     reasoning: bool  # extract <think> blocks as reasoning_content
 
     @classmethod
     def from_source(cls, source: str, reasoning_format: str) -> TemplateInfo:
         reasoning = reasoning_format == "auto" and THINK_CLOSE in source
-        return cls(source, "hermes" if HERMES_OPEN in source else "generic", reasoning)
+        return cls("hermes" if HERMES_OPEN in source else "generic", reasoning)
 
 
 class TemplateMessages(list):
@@ -1667,7 +1666,7 @@ class PieceCacheTokenizer(LlamaTokenizer):
 class ServedLlama(llama_cpp.Llama):
     """A Llama that counts its last generation's tokens: the chat stream carries no usage."""
 
-    template = TemplateInfo("", "generic", False)  # set by load_model
+    template = TemplateInfo("generic", False)  # set by load_model
     prompt_tokens = 0
     sampled_tokens = 0
     last_token = -1
