@@ -45,13 +45,14 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import jinja2
 import llama_cpp
+import numpy as np
 import uvicorn
 from llama_cpp import llama_chat_format, llama_grammar, mtmd_cpp
 from llama_cpp.llama_tokenizer import LlamaTokenizer
@@ -94,7 +95,7 @@ class ConfigError(Exception):
 
 
 def _opt(default: Any, help: str, const: str | None = None, **extra: Any) -> Any:
-    """A setting; `const` is what its flag means when given without a value (`--logprobs`)."""
+    """A setting; `const` is what its flag means when given without a value (`--flash-attn`)."""
     const = "1" if const is None and isinstance(default, bool) else const
     return field(default=default, metadata={"help": help, "const": const}, **extra)
 
@@ -122,12 +123,13 @@ class Settings:
     n_gpu_layers: int = _opt(-1, "layers offloaded to the GPU; -1 all (needs a CUDA build), 0 none")
     flash_attn: str = _opt("auto", "auto, on or off; auto: on only where the layers run on a GPU (see README)",
                            const="on")
-    logprobs: bool = _opt(False, "allow logprobs: loads the model with logits_all, slower prompts")
     max_queue: int = _opt(16, "requests that may wait for the model; past it 429")
     max_grammar_branches: int = _opt(1000, "most alternatives a response grammar may choose between at one "
                                      "point (enum values, anyOf); past it 400 (see README)")
     max_generation_seconds: float = _opt(0.0, "wall-clock limit of one answer, ended with finish_reason "
                                          "'length'; 0: none")
+    responses_store: int = _opt(100, "the last N /v1/responses answers kept in memory for previous_response_id "
+                                "(gone on restart); 0: keep none")
     max_body_bytes: int = _opt(20 * 2**20, "largest request body; past it 413")
     max_images: int = _opt(8, "images per request")
     max_image_bytes: int = _opt(10 * 2**20, "decoded bytes per image")
@@ -135,6 +137,16 @@ class Settings:
     allow_remote_images: bool = _opt(False, "fetch http(s) image URLs (public addresses only)")
     remote_image_timeout: int = _opt(10, "seconds to connect and download one remote image")
     shutdown_grace: int = _opt(10, "seconds running requests get to finish after SIGTERM/SIGINT")
+    drain_delay: float = _opt(0.0, "seconds after SIGTERM that /health says draining while new requests are "
+                              "still served, before the listener closes (for load balancers that poll health)")
+    keep_alive_timeout: int = _opt(75, "seconds an idle HTTP keep-alive connection stays open; longer than a "
+                                   "proxy's pool (nginx 60 s) so the proxy never reuses a closing one")
+    stream_keepalive_after: float = _opt(10.0, "seconds a stream waits for the model before it starts with an "
+                                         "SSE comment (so proxy idle timeouts do not cut it); until then a "
+                                         "shutdown can still answer it with a 503 a proxy replays")
+    liveness_stall_seconds: int = _opt(600, "/live answers 503 once a running generation has made no "
+                                       "progress for this long")
+    replica_id: str = _opt("", "this replica's tag in /v1/responses ids (default: the host name)")
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8000, "TCP port")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -221,7 +233,9 @@ def _resolve(s: Settings) -> Settings:
     for name, low in (("n_ctx", 0), ("n_threads", 0), ("n_batch", 1), ("max_queue", 0),
                       ("max_body_bytes", 1024), ("max_images", 0), ("max_image_bytes", 1),
                       ("max_image_pixels", 1), ("remote_image_timeout", 1), ("shutdown_grace", 0),
-                      ("port", 0), ("max_grammar_branches", 1), ("max_generation_seconds", 0)):
+                      ("port", 0), ("max_grammar_branches", 1), ("max_generation_seconds", 0),
+                      ("responses_store", 0), ("drain_delay", 0), ("keep_alive_timeout", 1),
+                      ("liveness_stall_seconds", 1), ("stream_keepalive_after", 0)):
         if getattr(s, name) < low:
             raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
     if s.port > 65535:
@@ -242,6 +256,7 @@ def _resolve(s: Settings) -> Settings:
         s, model_type=model_type, model_path=model_path, api_keys=keys,
         model_name=s.model_name or Path(model_path).stem, log_level=s.log_level.lower(),
         n_threads=s.n_threads or physical_cores(), flash_attn=_parse_switch("FLASH_ATTN", s.flash_attn),
+        replica_id=re.sub(r"[^A-Za-z0-9-]", "-", s.replica_id or socket.gethostname())[:40] or "replica",
     )
 
 
@@ -388,6 +403,7 @@ class ChatRequest:
     legacy_functions: bool = False  # asked with functions/function_call: answer with function_call
     template_kwargs: dict = field(default_factory=dict)
     n: int = 1  # choices
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives beside each token
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -438,15 +454,10 @@ def validate_chat_request(body: Any, settings: Settings, n_vocab: int = INT32_MA
         raise _bad("The request body must be a JSON object", None, "invalid_type")
     messages, images = _validate_messages(body.get("messages"), settings)
     stream = _flag(body, "stream")
-    req = ChatRequest(messages=messages, params=_sampling_params(body, settings.logprobs, n_vocab), stream=stream, images=images)
+    req = ChatRequest(messages=messages, params=_sampling_params(body, n_vocab), stream=stream, images=images)
     req.n = req.params.pop("n", 1)
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-        if not stream:
-            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        req.include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    req.top_logprobs = req.params.pop("top_logprobs", None)
+    req.include_usage = _include_usage(body, stream)
     req.response_format = _validate_response_format(body.get("response_format"))
     _validate_tools(body, req)
     kwargs = body.get("chat_template_kwargs")
@@ -455,6 +466,211 @@ def validate_chat_request(body: Any, settings: Settings, n_vocab: int = INT32_MA
     req.template_kwargs = {key: value for key, value in (kwargs or {}).items()
                            if key not in _TEMPLATE_RESERVED}
     return req
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    if not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return _flag(options, "include_usage", "stream_options.include_usage")
+
+
+@dataclass
+class TextRequest:
+    """A validated /v1/completions request: a raw prompt, no chat template."""
+
+    prompt: str | list[int]
+    params: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    echo: bool = False
+    top_logprobs: int | None = None  # the legacy `logprobs` integer
+
+
+#: OpenAI's default max_tokens for /v1/completions (chat has none).
+TEXT_MAX_TOKENS = 16
+
+
+def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequest:
+    """Check a decoded /v1/completions body; the sampling fields are chat's."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object", None, "invalid_type")
+    prompt = _validate_prompt(body.get("prompt"), n_vocab)
+    if body.get("suffix") not in (None, ""):
+        raise _bad("'suffix' (fill in the middle) is not supported by this server", "suffix", "unsupported")
+    if _number(body, "best_of", 1, MAX_CHOICES, integer=True) not in (None, 1):
+        raise _bad("'best_of' above 1 is not supported; use 'n' for several choices", "best_of", "unsupported")
+    if body.get("top_logprobs") is not None:
+        raise _bad("/v1/completions takes 'logprobs' (an integer), not 'top_logprobs'", "top_logprobs")
+    params = _sampling_params({key: value for key, value in body.items() if key != "logprobs"}, n_vocab)
+    params.setdefault("max_tokens", TEXT_MAX_TOKENS)
+    stream = _flag(body, "stream")
+    req = TextRequest(prompt, params, stream, _include_usage(body, stream), params.pop("n", 1),
+                      _flag(body, "echo"), _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True))
+    if req.echo and req.top_logprobs is not None:
+        raise _bad("'echo' with 'logprobs' would score the prompt, which this server does not do; "
+                   "ask for one of them", "echo", "unsupported")
+    return req
+
+
+def _validate_prompt(prompt: Any, n_vocab: int) -> str | list[int]:
+    """A string, a list of token ids, or a list holding one of those (a batch of one)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return _check_utf8(prompt, "prompt")
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if not all(0 <= t < n_vocab for t in prompt):
+            raise _bad(f"'prompt' holds token ids outside this model's vocabulary (0..{n_vocab - 1})", "prompt")
+        return prompt
+    if prompt is None:
+        raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise _bad("'prompt' may hold one prompt; send one request per prompt", "prompt", "unsupported")
+    raise _bad("'prompt' must be a string or a list of token ids", "prompt", "invalid_type")
+
+
+#: Responses API fields that become chat fields of the same meaning.
+_RESPONSES_AS_CHAT = {"temperature": "temperature", "top_p": "top_p", "stream": "stream",
+                      "max_output_tokens": "max_completion_tokens", "parallel_tool_calls": "parallel_tool_calls",
+                      "tool_choice": "tool_choice", "seed": "seed", "top_k": "top_k", "min_p": "min_p",
+                      "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                      "logit_bias": "logit_bias", "stop": "stop", "chat_template_kwargs": "chat_template_kwargs"}
+#: Chat field names in a validation error, as the Responses request spells them.
+_CHAT_AS_RESPONSES = [("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                      ("response_format.json_schema.schema", "text.format.schema"),
+                      ("response_format", "text.format")]
+
+
+def responses_to_chat(body: Any, history: list[dict]) -> dict:
+    """A /v1/responses body as the chat body it means, to be validated as chat's is: `instructions`
+    first, then the stored turns of `previous_response_id` (`history`), then `input`."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object", None, "invalid_type")
+    for name in ("background", "conversation", "prompt"):
+        if body.get(name) is not None and body.get(name) is not False:
+            raise _bad(f"'{name}' is not supported by this server", name, "unsupported")
+    chat: dict[str, Any] = {body_name: body[name] for name, body_name in _RESPONSES_AS_CHAT.items() if name in body}
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _bad("'instructions' must be a string", "instructions", "invalid_type")
+    if body.get("input") is None:
+        raise _bad("'input' is required", "input", "missing_required_parameter")
+    chat["messages"] = ([{"role": "system", "content": instructions}] if instructions else []) + history \
+        + response_input_messages(body["input"])
+    if isinstance(chat.get("tool_choice"), dict):
+        choice = chat["tool_choice"]
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"name\": ...}",
+                       "tool_choice", "invalid_type")
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    if body.get("tools") is not None:
+        chat["tools"] = _response_tools(body["tools"])
+    text = body.get("text")
+    if text is not None:
+        fmt = text.get("format") if isinstance(text, dict) else ...
+        if fmt is ... or not (fmt is None or isinstance(fmt, dict)):
+            raise _bad("'text' must be an object with a 'format' object", "text", "invalid_type")
+        if fmt is not None and fmt.get("type") == "json_schema":
+            spec = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
+            fmt = {"type": "json_schema", "json_schema": spec}
+        chat["response_format"] = fmt
+    top = body.get("top_logprobs")
+    if top is not None:
+        chat["logprobs"], chat["top_logprobs"] = True, top
+    return chat
+
+
+def _response_tools(tools: Any) -> list[dict]:
+    """Responses' flat function tools as chat's nested ones; other tool types are not served here."""
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be a list of tool objects", "tools", "invalid_type")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise _bad(f"tools[{i}].type must be 'function' (got {str(kind)[:40]!r}): this server runs no "
+                       "hosted tools", f"tools[{i}].type", "unsupported")
+        out.append({"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters")
+                                                     if key in tool}})
+    return out
+
+
+def response_input_messages(items: Any) -> list[dict]:
+    """Responses `input` as chat messages: message items, function_call items (an assistant's
+    tool_calls) and function_call_output items (tool messages). Reasoning items are dropped:
+    chat templates do not render earlier turns' reasoning."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise _bad("'input' must be a string or a list of input items", "input", "invalid_type")
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an object", where, "invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _response_content(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str):
+                    raise _bad(f"{where}.{key} must be a string", f"{where}.{key}", "invalid_type")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if messages and messages[-1]["role"] == "assistant":  # text then calls: one assistant turn
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise _bad(f"{where}.call_id must be a string", f"{where}.call_id", "invalid_type")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _response_content(item.get("output"), f"{where}.output", text_only=True)})
+        elif kind != "reasoning":
+            raise _bad(f"{where}.type {str(kind)[:40]!r} is not supported: this server takes message, "
+                       "function_call, function_call_output and reasoning items", f"{where}.type", "unsupported")
+    return messages
+
+
+def _response_content(content: Any, where: str, text_only: bool = False) -> Any:
+    """Responses content parts (input_text, output_text, input_image) as chat content parts."""
+    if isinstance(content, str) or not isinstance(content, list):
+        return content  # chat's validation names what is wrong with anything else
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            parts.append({"type": "text", "text": part.get("refusal" if kind == "refusal" else "text")})
+        elif kind == "input_image" and not text_only:
+            if part.get("image_url") is None:
+                raise _bad(f"{where}[{j}].image_url is required: this server keeps no files", f"{where}[{j}]",
+                           "unsupported")
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            raise _bad(f"{where}[{j}].type must be input_text, output_text or input_image", f"{where}[{j}].type")
+    if text_only or all(part["type"] == "text" for part in parts):
+        texts = [part["text"] for part in parts]
+        if not all(isinstance(text, str) for text in texts):
+            raise _bad(f"{where} text parts need a 'text' string", where, "invalid_type")
+        return "".join(texts)
+    return parts
+
+
+def as_responses_error(exc: APIError) -> APIError:
+    """A chat validation error with the field named as the Responses request spells it."""
+    param = re.sub(r"^(tools\[\d+\])\.function\b", r"\1", exc.param or "")
+    exc.param = param or None
+    for chat_name, name in _CHAT_AS_RESPONSES:
+        if param == chat_name or param.startswith((chat_name + ".", chat_name + "[")):
+            exc.param = name + param[len(chat_name):]
+            break
+    return exc
 
 
 #: Names the chat template is rendered with by the server itself: chat_template_kwargs cannot replace them.
@@ -526,7 +742,7 @@ def _validate_tools(body: dict, req: ChatRequest) -> None:
     req.parallel_tool_calls = parallel is not False and not req.legacy_functions
 
 
-def _sampling_params(body: dict, logprobs: bool, n_vocab: int) -> dict[str, Any]:
+def _sampling_params(body: dict, n_vocab: int) -> dict[str, Any]:
     params: dict[str, Any] = {
         "temperature": _number(body, "temperature", 0, 2),
         "top_p": _number(body, "top_p", 0, 1),
@@ -549,10 +765,6 @@ def _sampling_params(body: dict, logprobs: bool, n_vocab: int) -> dict[str, Any]
     params["stop"] = _validate_stop(body.get("stop"))
     params["logit_bias"] = _validate_logit_bias(body.get("logit_bias"), n_vocab)
     if _flag(body, "logprobs"):
-        if not logprobs:
-            raise _bad("logprobs are off on this server: start it with --logprobs (LOGPROBS=1)",
-                       "logprobs", "unsupported")
-        params["logprobs"] = True
         params["top_logprobs"] = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
     elif body.get("top_logprobs") is not None:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -934,6 +1146,123 @@ def _bounded_repetition(item_rule: str, min_items: int, max_items: int | None,
     return f"{item_rule}{{{min_items},{max_items}}}" if min_items != max_items else f"{item_rule}{{{min_items}}}"
 
 
+def _same_length_range(low: str, high: str) -> list[str]:
+    """GBNF alternatives for the digit strings of one length from `low` to `high` (low <= high)."""
+    if low == high:
+        return [f'"{low}"']
+    if len(low) == 1:
+        return [f"[{low}-{high}]"]
+    if low[0] == high[0]:
+        return [f'"{low[0]}" ({" | ".join(_same_length_range(low[1:], high[1:]))})']
+    rest = len(low) - 1
+    low_whole, high_whole = low[1:] == "0" * rest, high[1:] == "9" * rest
+    out = [] if low_whole else [f'"{low[0]}" ({" | ".join(_same_length_range(low[1:], "9" * rest))})']
+    first, last = int(low[0]) + (not low_whole), int(high[0]) - (not high_whole)
+    if first <= last:
+        out.append(f"[{first}-{last}] [0-9]{{{rest}}}")
+    if not high_whole:
+        out.append(f'"{high[0]}" ({" | ".join(_same_length_range("0" * rest, high[1:]))})')
+    return out
+
+
+#: JSON numbers in llama-cpp-python's grammar have at most 16 integral digits.
+MAX_INT_DIGITS = 16
+
+
+def digits_range(low: int, high: int | None) -> str:
+    """GBNF for the decimal integers from `low` to `high` (None: no end), 0 <= low, no leading zeros."""
+    top = 10 ** MAX_INT_DIGITS - 1 if high is None else high
+    alternatives = []
+    for length in range(len(str(low)), len(str(top)) + 1):
+        start, end = max(low, 10 ** (length - 1) if length > 1 else 0), min(top, 10 ** length - 1)
+        if start <= end:
+            alternatives += _same_length_range(str(start), str(end))
+    return "(" + " | ".join(alternatives) + ")"
+
+
+def integer_range(low: int | None, high: int | None) -> str:
+    """GBNF for a JSON integer in [low, high] (None: unbounded on that side)."""
+    parts = []
+    if high is None or high >= 0:
+        parts.append(digits_range(max(low or 0, 0), high))
+    if low is None or low < 0:
+        parts.append('"-" ' + digits_range(max(-high, 1) if high is not None and high < 0 else 1,
+                                           None if low is None else -low))
+    return "(" + " | ".join(parts) + ") space"
+
+
+def number_range(low: int | None, high: int | None) -> str:
+    """GBNF for a JSON number (no exponent) in [low, high], bounds whole numbers: the integral part
+    decides, and at a bound only zeros may follow the point."""
+    fraction, zeros = '("." [0-9]{1,16})?', '("." "0"{1,16})?'
+
+    def magnitudes(low: int, high: int | None) -> str:  # |x| in [low, high]
+        if high is None:
+            return f"{digits_range(low, None)} {fraction}"
+        below = f"{digits_range(low, high - 1)} {fraction} | " if high > low else ""
+        return f'({below}"{high}" {zeros})'
+
+    parts = []
+    if high is None or high >= 0:
+        parts.append(magnitudes(max(low or 0, 0), high))
+    if low is None or low < 0:
+        parts.append('"-" ' + magnitudes(-high if high is not None and high < 0 else 0, None if low is None else -low))
+    return "(" + " | ".join(parts) + ") space"
+
+
+def numeric_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
+    """A number or integer schema's inclusive whole-number bounds, or a GrammarError for bounds a
+    grammar cannot state (a fractional bound on a number, an exclusive bound on a number)."""
+    integer = schema.get("type") == "integer"
+    low, high = schema.get("minimum"), schema.get("maximum")
+    ex_low, ex_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if isinstance(ex_low, bool):  # draft 4: a boolean beside minimum
+        low, ex_low = (None, low) if ex_low else (low, None)
+    if isinstance(ex_high, bool):
+        high, ex_high = (None, high) if ex_high else (high, None)
+    for name, value in (("minimum", low), ("maximum", high), ("exclusiveMinimum", ex_low),
+                        ("exclusiveMaximum", ex_high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                           or not math.isfinite(value) or abs(value) >= 10 ** MAX_INT_DIGITS):
+            raise GrammarError(f"'{name}' at {where} must be a number of at most {MAX_INT_DIGITS} digits")
+    if not integer:
+        for name, value in (("minimum", low), ("maximum", high)):
+            if value is not None and value != int(value):
+                raise GrammarError(f"'{name}': {value} at {where}: a grammar can bound a number by whole "
+                                   "numbers only; use a whole bound or type integer")
+        if ex_low is not None or ex_high is not None:
+            raise GrammarError(f"'exclusiveMinimum'/'exclusiveMaximum' at {where}: a grammar cannot bound a "
+                               "number exclusively; use minimum/maximum")
+    bounds_low = [math.ceil(low)] if low is not None else []
+    bounds_high = [math.floor(high)] if high is not None else []
+    if ex_low is not None:
+        bounds_low.append(math.floor(ex_low) + 1)
+    if ex_high is not None:
+        bounds_high.append(math.ceil(ex_high) - 1)
+    result = (max(bounds_low) if bounds_low else None, min(bounds_high) if bounds_high else None)
+    if None not in result and result[0] > result[1]:
+        raise GrammarError(f"the bounds at {where} leave no {'integer' if integer else 'number'}: nothing can match")
+    return result
+
+
+NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+class BoundedSchemaConverter(llama_grammar.SchemaConverter):
+    """llama-cpp-python's converter, plus the numeric bounds it drops (llama.cpp's own converter
+    honours integer ones)."""
+
+    def visit(self, schema: dict, name: str) -> str:
+        kind = schema.get("type")
+        if kind in ("integer", "number") and any(key in schema for key in NUMERIC_BOUNDS) \
+                and not any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
+            low, high = numeric_bounds(schema, name or "the top level")
+            rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
+            rule = integer_range(low, high) if kind == "integer" else number_range(low, high)
+            return self._add_rule(rule_name, rule)
+        return super().visit(schema, name)
+
+
 _converter_lock = threading.Lock()
 
 
@@ -949,8 +1278,7 @@ def json_schema_grammar(schema: dict, rule: str = "") -> str:
         stock = llama_grammar._build_repetition
         llama_grammar._build_repetition = _bounded_repetition
         try:
-            converter = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
-                                                      raw_pattern=False)
+            converter = BoundedSchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
             converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "stdin"), rule)
             return converter.format_grammar()
         finally:
@@ -963,11 +1291,52 @@ SUBSCHEMA_KEYS = ("items", "prefixItems", "additionalProperties", "additionalIte
                   "anyOf", "oneOf", "allOf", "if", "then", "else", "propertyNames")
 
 
+#: Keywords whose meaning no grammar here enforces: refused rather than silently ignored.
+UNENFORCED_KEYWORDS = ("multipleOf", "not", "if", "then", "else", "contains", "minContains", "maxContains",
+                       "propertyNames", "patternProperties", "dependentRequired", "dependentSchemas",
+                       "dependencies", "minProperties", "maxProperties", "unevaluatedProperties",
+                       "unevaluatedItems")
+#: String formats the converter writes a grammar for.
+GRAMMAR_FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")
+
+
+def _check_schema_keywords(schema: dict, where: str) -> None:
+    """Refuse what the converter would silently ignore, naming the keyword and where it is."""
+    for keyword in UNENFORCED_KEYWORDS:
+        if keyword in schema:
+            raise GrammarError(f"'{keyword}' at {where} cannot be enforced by a grammar; remove it")
+    if schema.get("uniqueItems") is True:
+        raise GrammarError(f"'uniqueItems' at {where} cannot be enforced by a grammar; remove it")
+    kind = schema.get("type")
+    fmt = schema.get("format")
+    if fmt is not None and kind in (None, "string") and fmt not in GRAMMAR_FORMATS:
+        raise GrammarError(f"'format': {str(fmt)[:40]!r} at {where} cannot be enforced by a grammar; formats "
+                           f"enforced: {', '.join(GRAMMAR_FORMATS)}")
+    string_rules = [key for key in ("pattern", "format", "minLength", "maxLength") if key in schema]
+    if ("pattern" in schema or "format" in schema) and len(string_rules) > 1:
+        raise GrammarError(f"{' and '.join(string_rules)} at {where} cannot be enforced together; "
+                           "keep one (a pattern can bound the length)")
+    bounds = [key for key in NUMERIC_BOUNDS if key in schema]
+    if bounds and kind not in ("integer", "number") and not any(k in schema for k in ("enum", "const")):
+        raise GrammarError(f"'{bounds[0]}' at {where} needs 'type': 'integer' or 'number' (one type)")
+    if bounds and kind in ("integer", "number"):
+        numeric_bounds(schema, where)
+    if isinstance(kind, list) and any(key in schema for key in (*BOUND_KEYWORDS, "pattern", "format", "properties",
+                                                                "items", "prefixItems", "required")):
+        raise GrammarError(f"'type': a list at {where} with type-specific keywords beside it cannot be enforced; "
+                           "use anyOf with one schema per type")
+    for i, part in enumerate(schema.get("allOf") or []):
+        if isinstance(part, dict) and "properties" not in part and "$ref" not in part and "anyOf" not in part:
+            raise GrammarError(f"'allOf[{i}]' at {where}: only objects with properties can be combined with allOf")
+
+
 def _check_schema_bounds(schema: Any, path: str) -> None:
-    """Refuse a bound keyword over MAX_REPEAT (or not a count), naming it and where it is."""
+    """Refuse a bound keyword over MAX_REPEAT (or not a count), or a keyword no grammar enforces,
+    naming it and where it is."""
     if not isinstance(schema, dict):
         return
     where = path or "the top level"
+    _check_schema_keywords(schema, where)
     for keyword in BOUND_KEYWORDS:
         value = schema.get(keyword)
         if value is None:
@@ -1651,6 +2020,10 @@ class PieceCacheTokenizer(LlamaTokenizer):
         self._grown = (tokens, len(tokens), tokens[-1], text)
         return text
 
+    def piece(self, token: int) -> bytes:
+        """One token's bytes, control tokens spelled out (a logprobs entry names them)."""
+        return self._pieces[True].get(token) or self._piece(token, True)
+
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
                    special: bool = False) -> bytes:
         if special or len(tokens) < self.GROWING_MIN:
@@ -1663,8 +2036,38 @@ class PieceCacheTokenizer(LlamaTokenizer):
         return output
 
 
+class TokenLogprobs:
+    """A logits processor that keeps each step's logits, and turns them into OpenAI's logprobs entry
+    for the token sampled from them. First in llama-cpp-python's sampling chain, it sees the model's
+    own distribution (before logit_bias, penalties and grammar), as OpenAI reports it; and it needs
+    no `logits_all`, which keeps n_ctx x n_vocab floats (800 MB for SmolLM2 at 4,096 tokens)."""
+
+    def __init__(self, piece: Callable[[int], bytes], top: int) -> None:
+        self._piece, self.top = piece, top
+        self._logits: np.ndarray | None = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        self._logits = np.array(scores, dtype=np.float32)  # a copy: llama.cpp reuses the buffer
+        return scores
+
+    def entry(self, token: int) -> dict:
+        logits = self._logits
+        assert logits is not None, "a token was sampled before the logits were seen"
+        peak = float(logits.max())
+        log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+        top = np.argpartition(-logits, self.top)[:self.top] if self.top else np.array([], dtype=int)
+        top = top[np.argsort(-logits[top], kind="stable")]
+        return {**self._token(token, logits[token] - log_total),
+                "top_logprobs": [self._token(int(t), logits[t] - log_total) for t in top]}
+
+    def _token(self, token: int, logprob: float) -> dict:
+        piece = self._piece(token)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": float(logprob), "bytes": list(piece)}
+
+
 class ServedLlama(llama_cpp.Llama):
-    """A Llama that counts its last generation's tokens: the chat stream carries no usage."""
+    """A Llama that counts its last generation's tokens (the chat stream carries no usage), and
+    notes each token's logprobs when asked."""
 
     template = TemplateInfo("generic", False)  # set by load_model
     prompt_tokens = 0
@@ -1675,16 +2078,26 @@ class ServedLlama(llama_cpp.Llama):
     #: limit, or at the end of the context, whatever the bytes.
     token_budget: int | None = None
     load_seconds = 0.0
+    #: Set for a generation that reports logprobs (it is in the logits processors too); the entries
+    #: of the tokens sampled and not yet taken by the worker wait in `logprobs`.
+    logprob_source: TokenLogprobs | None = None
+    logprobs: list[dict] = []
 
     def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
-        self.prompt_tokens, self.sampled_tokens = len(tokens), 0
+        self.prompt_tokens, self.sampled_tokens, self.logprobs = len(tokens), 0, []
         budget = min(self.token_budget or self.n_ctx(), self.n_ctx() - len(tokens))
         for token in super().generate(tokens, *args, **kwargs):
             self.sampled_tokens += 1
             self.last_token = token
+            if self.logprob_source is not None and not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                self.logprobs.append(self.logprob_source.entry(token))
             yield token
             if self.sampled_tokens >= budget:
                 return
+
+    def take_logprobs(self) -> list[dict]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
     def usage(self) -> dict[str, int]:
         # The end-of-generation token is sampled but is not part of the completion.
@@ -1821,7 +2234,7 @@ def load_model(settings: Settings) -> ServedLlama:
             model_path=settings.model_path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
             n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers, flash_attn=flash_attn,
-            logits_all=settings.logprobs, chat_handler=handler, verbose=False,
+            chat_handler=handler, verbose=False,
         )
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot load model {settings.model_path!r}: {exc}") from None
@@ -1854,29 +2267,71 @@ def load_model(settings: Settings) -> ServedLlama:
 
 
 class Gate:
-    """One generation at a time, first come first served; at most `max_queue` may wait."""
+    """One generation at a time, first come first served; at most `max_queue` may wait.
+
+    `enter` decides at once (a ticket, or 429 when the queue is full, or the closing error once the
+    server stops taking work); `wait` waits for the ticket's turn. `close` answers every waiter at
+    once: a request that never started gets a 503 a load balancer can replay elsewhere.
+    """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.waiting = 0
-        self._lock = asyncio.Lock()  # asyncio.Lock wakes its waiters in FIFO order
-
-    async def acquire(self) -> None:
-        if self._lock.locked() and self.waiting >= self.max_queue:
-            raise APIError(429, f"The server is busy: {self.waiting} requests are already waiting",
-                           code="queue_full", headers={"Retry-After": "1"})
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-
-    def release(self) -> None:
-        self._lock.release()
+        self.running = False
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._committed: set[asyncio.Future] = set()  # waiters whose answer has begun: close() keeps them
+        self._closed: APIError | None = None
 
     @property
-    def running(self) -> bool:
-        return self._lock.locked()
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def enter(self) -> asyncio.Future:
+        if self._closed is not None:
+            raise self._closed
+        ticket = asyncio.get_running_loop().create_future()
+        if not self.running and not self._waiters:
+            self.running = True
+            ticket.set_result(None)
+        elif len(self._waiters) >= self.max_queue:
+            raise APIError(429, f"The server is busy: {len(self._waiters)} requests are already waiting",
+                           code="queue_full", headers={"Retry-After": "1"})
+        else:
+            self._waiters.append(ticket)
+        return ticket
+
+    async def wait(self, ticket: asyncio.Future) -> None:
+        try:
+            await ticket
+        except asyncio.CancelledError:
+            if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
+                self.release()  # our turn came as we left: pass it on
+            elif ticket in self._waiters:
+                self._waiters.remove(ticket)
+            raise
+        finally:
+            self._committed.discard(ticket)
+
+    def commit(self, ticket: asyncio.Future) -> None:
+        """The ticket's answer has begun (a stream sent its first bytes): too late for a 503."""
+        self._committed.add(ticket)
+
+    async def acquire(self) -> None:
+        await self.wait(self.enter())
+
+    def release(self) -> None:
+        while self._waiters:
+            ticket = self._waiters.popleft()
+            if not ticket.done():
+                ticket.set_result(None)  # the gate passes to the next waiter, still running
+                return
+        self.running = False
+
+    def close(self, error: APIError) -> None:
+        self._closed = error
+        for ticket in [t for t in self._waiters if t not in self._committed]:
+            self._waiters.remove(ticket)
+            if not ticket.done():
+                ticket.set_exception(error)
 
 
 _END = object()
@@ -1885,31 +2340,64 @@ STREAM_WAKE_INTERVAL = 0.02
 
 
 class Shutdown:
-    """When the server began to stop: running requests may go on until `deadline`, then get a 503."""
+    """How the server stops, for load balancers.
 
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
+    On SIGTERM/SIGINT readiness (`/health`) turns 503 at once; for `drain_delay` seconds new
+    requests are still served (balancers that poll health stop sending meanwhile); then the listener
+    closes, requests still waiting for the model get a 503 with Retry-After, and running ones get
+    `grace` seconds to finish (after it, a 503 / an error event).
+    """
+
+    def __init__(self, grace: float, drain_delay: float = 0.0) -> None:
+        self.grace, self.drain_delay = grace, drain_delay
+        self.draining = False
         self.deadline: float | None = None
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
 
     def begin(self) -> None:
+        """Readiness off now; the listener closes after the drain delay (see close)."""
+        if not self.draining:
+            self.draining = True
+            log.info("shutting down: draining for %.0f s, then running requests get %.0f s to finish",
+                     self.drain_delay, self.grace)
+
+    def close(self) -> None:
+        """Stop taking work: waiting requests are refused, running ones get the grace period."""
+        self.begin()
         if self.deadline is None:
             self.deadline = time.monotonic() + self.grace
-            log.info("shutting down: running requests get %.0f s to finish", self.grace)
+            for callback in self._on_close:
+                callback()
 
     def begin_on_signals(self) -> None:
-        """SIGTERM/SIGINT begin the grace period, then go on to the server's own handler.
+        """SIGTERM/SIGINT begin draining, then (after the drain delay) go on to the server's own handler.
 
         Chained in front of whatever handler uvicorn installed, so `uvicorn llmapiserver:app` gets
-        the grace period and the 503 too (without it uvicorn cut running streams mid-body).
+        the drain and the grace period too (without it uvicorn cut running streams mid-body). A
+        second signal skips what is left of the drain delay.
         """
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; whoever runs us elsewhere stops us
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             server_handler = signal.getsignal(sig)
             if callable(server_handler):
                 def begin_then(signum: int, frame: Any, server_handler: Callable = server_handler) -> None:
+                    def stop() -> None:
+                        self.close()
+                        server_handler(signum, frame)
+
+                    delay = 0.0 if self.draining else self.drain_delay
                     self.begin()
-                    server_handler(signum, frame)
+                    # On the loop, not in the handler (it may interrupt the loop mid-step); the loop
+                    # may sleep in select(), and call_soon_threadsafe wakes it.
+                    if delay <= 0:
+                        loop.call_soon_threadsafe(stop)
+                    else:
+                        loop.call_soon_threadsafe(loop.call_later, delay, stop)
 
                 signal.signal(sig, begin_then)
 
@@ -1919,6 +2407,7 @@ class Stats:
     """What the request log line reports about one generation."""
 
     started: float = field(default_factory=time.perf_counter)
+    progress: float = field(default_factory=time.monotonic)  # the worker's last sign of life (for /live)
     first_token: float | None = None
     usage: dict[str, int] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set once the worker let go of the model
@@ -1942,11 +2431,25 @@ def _add_usage(total: dict | None, more: dict) -> dict:
 class Job:
     """What one request asks the worker to generate, and how the chunks come back."""
 
-    kwargs: dict  # create_chat_completion's keyword arguments
+    kwargs: dict  # create_chat_completion's keyword arguments (create_completion's for a `text` job)
     output: ChatOutput = field(default_factory=lambda: ChatOutput(None))  # raw chunks -> the answer's
     choices: int = 1  # n: generated one after another
     wake_interval: float = STREAM_WAKE_INTERVAL  # math.inf: wake the loop only at the end (a JSON answer)
     time_limit: float = 0.0  # MAX_GENERATION_SECONDS; 0: none
+    top_logprobs: int | None = None  # logprobs with this many alternatives; None: none
+    text: bool = False  # a raw prompt (/v1/completions): no chat template
+
+
+def text_as_chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
+    """create_completion's text_completion chunks as chat chunks, the one shape after generation."""
+    try:
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            yield {"id": chunk["id"], "object": "chat.completion.chunk", "created": chunk["created"],
+                   "model": chunk["model"], "choices": [{"index": 0, "delta": {"content": choice["text"]},
+                                                         "logprobs": None, "finish_reason": choice["finish_reason"]}]}
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
 
 
 class Generation:
@@ -1984,16 +2487,16 @@ class Generation:
         deadline = time.monotonic() + (job.time_limit or math.inf)
         try:
             for index in range(job.choices):  # n > 1: one after another, each with its own seed
-                kwargs = job.kwargs
-                if index and kwargs.get("seed") is not None:
-                    kwargs = {**kwargs, "seed": (kwargs["seed"] + index) & 0xFFFFFFFF}
-                self._llm.token_budget = kwargs.get("max_tokens")
-                chunks = self._llm.create_chat_completion(stream=True, **kwargs)
+                chunks = self._start(index)
                 for chunk in chunks:
                     if self._cancelled.is_set():
                         break
-                    chunk["choices"][0]["index"] = index
+                    choice = chunk["choices"][0]
+                    choice["index"] = index
+                    if self._llm.logprobs and (choice["delta"].get("content") or choice["finish_reason"]):
+                        choice["logprobs"] = {"content": self._llm.take_logprobs(), "refusal": None}
                     self._ready.append(chunk)
+                    self.stats.progress = time.monotonic()
                     if time.monotonic() > deadline and chunk["choices"][0]["finish_reason"] is None:
                         self._ready.append(_finish_chunk(chunk, "length"))  # MAX_GENERATION_SECONDS passed
                         break
@@ -2011,9 +2514,25 @@ class Generation:
         finally:
             if chunks is not None:
                 chunks.close()
+            self._llm.logprob_source = None
             self._wake()
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._finished)
+
+    def _start(self, index: int) -> Iterator[dict]:
+        """The raw chunks of choice `index`, as chat chunks whatever the job."""
+        job, llm = self._job, self._llm
+        kwargs = job.kwargs
+        if index and kwargs.get("seed") is not None:
+            kwargs = {**kwargs, "seed": (kwargs["seed"] + index) & 0xFFFFFFFF}
+        llm.token_budget = kwargs.get("max_tokens")
+        llm.logprob_source = None
+        if job.top_logprobs is not None:
+            llm.logprob_source = TokenLogprobs(llm.tokenizer_.piece, job.top_logprobs)
+            kwargs = {**kwargs, "logits_processor": llama_cpp.LogitsProcessorList([llm.logprob_source])}
+        if job.text:
+            return text_as_chat_chunks(llm.create_completion(stream=True, **kwargs))
+        return llm.create_chat_completion(stream=True, **kwargs)
 
     def _finished(self) -> None:
         """On the loop, once the worker let go of the model: the next request may start."""
@@ -2092,6 +2611,15 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
     return APIError(500, "The model failed while generating; see the server log", code="internal_error")
 
 
+###############################################################################
+# API adapters ################################################################
+###############################################################################
+# Each API takes the generation's chat chunks and gives its own answer: `answer` builds the JSON body
+# from all of them, `frames` the SSE bytes of each batch as it comes, `closing` the stream's last
+# frames, `error` a late error as one event. Chat passes the chunks on; /v1/completions and
+# /v1/responses rewrite them.
+
+
 def chat_completion(chunks: list[dict], usage: dict | None) -> dict:
     """The non-streaming answer, assembled from the stream's chunks: one choice per index."""
     first = chunks[0]
@@ -2142,34 +2670,308 @@ def _choice(index: int, deltas: list[dict]) -> dict:
             "finish_reason": finish}
 
 
-async def collect(generation: Generation, first: list[dict]) -> dict:
+
+def _sse(chunk: dict) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n"
+
+
+class ChatAPI:
+    """/v1/chat/completions: the chunks are already its shape."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, include_usage: bool = False) -> None:
+        self.include_usage = include_usage
+        self._head: dict = {}
+
+    def frames(self, chunks: list[dict]) -> bytes:
+        self._note_head(chunks)
+        return b"".join(_sse(chunk) for chunk in chunks)
+
+    def _note_head(self, chunks: list[dict]) -> None:
+        self._head = self._head or {key: chunks[0].get(key) for key in ("id", "created", "model", "system_fingerprint")}
+
+    def closing(self, usage: dict | None) -> list[bytes | dict]:
+        usage_chunk = [_sse({**self._head, "object": self.object, "choices": [], "usage": usage})]
+        return (usage_chunk if self.include_usage else []) + [{"data": "[DONE]"}]
+
+    def error(self, exc: APIError) -> bytes:
+        return _sse(exc.to_dict())
+
+    def answer(self, chunks: list[dict], usage: dict | None) -> dict:
+        return chat_completion(chunks, usage)
+
+
+class TextAPI(ChatAPI):
+    """/v1/completions: text_completion chunks; `echo` puts the prompt before each choice's text;
+    logprobs in the legacy shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+
+    object = "text_completion"
+
+    def __init__(self, include_usage: bool, echo: str | None) -> None:
+        super().__init__(include_usage)
+        self._echo = echo or ""
+        self._offsets: dict[int, int] = {}  # per choice: where the next token starts in its text
+
+    def frames(self, chunks: list[dict]) -> bytes:
+        self._note_head(chunks)
+        return b"".join(_sse(self._text_chunk(chunk)) for chunk in chunks)
+
+    def _text_chunk(self, chunk: dict) -> dict:
+        choice = chunk["choices"][0]
+        index, text = choice["index"], choice["delta"].get("content") or ""
+        if index not in self._offsets:
+            text, self._offsets[index] = self._echo + text, len(self._echo)
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        logprobs, self._offsets[index] = legacy_logprobs(entries, self._offsets[index])
+        return {**self._head, "object": self.object, "choices": [
+            {"text": text, "index": index, "logprobs": logprobs if entries else None,
+             "finish_reason": choice["finish_reason"]}]}
+
+    def answer(self, chunks: list[dict], usage: dict | None) -> dict:
+        completion = chat_completion(chunks, usage)
+        choices = []
+        for choice in completion["choices"]:
+            entries = (choice["logprobs"] or {}).get("content")
+            choices.append({"text": self._echo + choice["message"]["content"], "index": choice["index"],
+                            "logprobs": legacy_logprobs(entries, len(self._echo))[0] if entries else None,
+                            "finish_reason": choice["finish_reason"]})
+        return {**completion, "object": self.object, "choices": choices}
+
+
+def legacy_logprobs(entries: list[dict], offset: int) -> tuple[dict, int]:
+    """Chat logprobs entries in /v1/completions' shape, and the offset after them."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [entry["token"] for entry in entries],
+            "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in entries],
+            "text_offset": offsets}, offset
+
+
+class ResponseStore:
+    """The last `size` responses with `store` on, for previous_response_id: in memory, so gone on
+    restart, and each replica has its own."""
+
+    def __init__(self, size: int, replica: str = "") -> None:
+        self.size, self.replica = size, replica
+        self._items: collections.OrderedDict[str, tuple[dict, list[dict]]] = collections.OrderedDict()
+
+    def keep(self, response: dict, turns: list[dict]) -> None:
+        if self.size <= 0:
+            return
+        self._items[response["id"]] = (response, turns)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
+        """The response and its conversation (without instructions), or a 404 (400 with `param`)."""
+        owner = response_id[5:-33] if response_id.startswith("resp_") and len(response_id) > 38 else self.replica
+        if owner != self.replica:
+            raise APIError(400 if param else 404,
+                           f"The response '{response_id[:120]}' was stored by replica '{owner}', not by this one "
+                           f"('{self.replica}'): route a conversation's requests to one replica (sticky routing "
+                           "on a header such as X-Session-Id), or send the whole conversation with store: false",
+                           param=param, code="response_on_another_replica")
+        if response_id not in self._items:
+            where = "" if self.size else " (this server stores none: RESPONSES_STORE=0)"
+            raise APIError(400 if param else 404,
+                           f"No stored response with id '{response_id[:80]}'{where}: responses are kept in memory "
+                           f"(the last {self.size}), so a restart forgets them. Send the whole conversation "
+                           "as input instead", param=param, code="response_not_found")
+        return self._items[response_id]
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._items[response_id]
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesAPI:
+    """/v1/responses: output items (reasoning, message, function_call) built from the chat chunks,
+    with the documented event sequence when streaming; the same events build the JSON answer."""
+
+    def __init__(self, response: dict, turns: list[dict], store: ResponseStore | None) -> None:
+        self.response = response  # the skeleton: request fields echoed, status in_progress, output []
+        self._turns, self._store = turns, store
+        self._seq = 0
+        self._open: dict | None = None  # the output item being written
+        self._finish: str | None = None
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        event = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return f"event: {kind}\r\ndata: {json.dumps(event)}\r\n\r\n".encode()
+
+    def frames(self, chunks: list[dict]) -> bytes:
+        out = []
+        if self._seq == 0:
+            out += [self._event("response.created", response=self.response),
+                    self._event("response.in_progress", response=self.response)]
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            delta = choice["delta"]
+            if delta.get("reasoning_content"):
+                out += self._text("reasoning", delta["reasoning_content"], [])
+            if delta.get("content"):
+                out += self._text("message", delta["content"], (choice.get("logprobs") or {}).get("content") or [])
+            for part in delta.get("tool_calls") or []:
+                if part.get("id"):
+                    out += self._close()
+                    out += self._add({"id": _item_id("fc"), "type": "function_call", "status": "in_progress",
+                                      "call_id": part["id"], "name": part["function"]["name"], "arguments": ""})
+                arguments = (part.get("function") or {}).get("arguments")
+                if arguments and self._open is not None:
+                    self._open["arguments"] += arguments
+                    out.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],
+                                           output_index=self._index(), delta=arguments))
+            self._finish = choice.get("finish_reason") or self._finish
+        return b"".join(out)
+
+    def _index(self) -> int:
+        return len(self.response["output"]) - 1
+
+    def _add(self, item: dict) -> list[bytes]:
+        self.response["output"].append(item)
+        self._open = item
+        return [self._event("response.output_item.added", output_index=self._index(), item=item)]
+
+    def _text(self, kind: str, text: str, logprobs: list[dict]) -> list[bytes]:
+        out = []
+        if self._open is None or self._open["type"] != kind:
+            out += self._close()
+            if kind == "message":
+                out += self._add({"id": _item_id("msg"), "type": "message", "status": "in_progress",
+                                  "role": "assistant", "content": []})
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            else:
+                out += self._add({"id": _item_id("rs"), "type": "reasoning", "status": "in_progress",
+                                  "summary": [], "content": []})
+                part = {"type": "reasoning_text", "text": ""}
+            self._open["content"].append(part)
+            out.append(self._event("response.content_part.added", item_id=self._open["id"],
+                                   output_index=self._index(), content_index=0, part=part))
+        part = self._open["content"][0]
+        part["text"] += text
+        if kind == "message":
+            part["logprobs"] += logprobs
+            out.append(self._event("response.output_text.delta", item_id=self._open["id"], output_index=self._index(),
+                                   content_index=0, delta=text, logprobs=logprobs))
+        else:
+            out.append(self._event("response.reasoning_text.delta", item_id=self._open["id"],
+                                   output_index=self._index(), content_index=0, delta=text))
+        return out
+
+    def _close(self, status: str = "completed") -> list[bytes]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        where = {"item_id": item["id"], "output_index": self._index()}
+        out = []
+        if item["type"] == "function_call":
+            out.append(self._event("response.function_call_arguments.done", **where, name=item["name"],
+                                   arguments=item["arguments"]))
+        else:
+            part = item["content"][0]
+            if item["type"] == "message":
+                out.append(self._event("response.output_text.done", **where, content_index=0, text=part["text"],
+                                       logprobs=part["logprobs"]))
+            else:
+                out.append(self._event("response.reasoning_text.done", **where, content_index=0, text=part["text"]))
+            out.append(self._event("response.content_part.done", **where, content_index=0, part=part))
+        item["status"] = status
+        out.append(self._event("response.output_item.done", output_index=where["output_index"], item=item))
+        return out
+
+    def closing(self, usage: dict | None) -> list[bytes | dict]:
+        incomplete = self._finish == "length"
+        out = self._close("incomplete" if incomplete else "completed")
+        response = self.response
+        response["status"] = "incomplete" if incomplete else "completed"
+        response["incomplete_details"] = {"reason": "max_output_tokens"} if incomplete else None
+        response["completed_at"] = int(time.time())
+        usage = usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        response["usage"] = {"input_tokens": usage["prompt_tokens"],
+                             "input_tokens_details": {"cached_tokens": 0},
+                             "output_tokens": usage["completion_tokens"],
+                             "output_tokens_details": {"reasoning_tokens": 0},
+                             "total_tokens": usage["total_tokens"]}
+        if self._store is not None and response.get("store"):
+            self._store.keep(response, self._turns + response_turns(response["output"]))
+        out.append(self._event("response.incomplete" if incomplete else "response.completed", response=response))
+        return out
+
+    def error(self, exc: APIError) -> bytes:
+        body = exc.to_dict()["error"]
+        return self._event("error", code=body["code"], message=body["message"], param=body["param"])
+
+    def answer(self, chunks: list[dict], usage: dict | None) -> dict:
+        self.frames(chunks)
+        self.closing(usage)
+        return self.response
+
+
+def response_turns(output: list[dict]) -> list[dict]:
+    """A response's output items as the chat messages a next turn continues from."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "message":
+            message["content"] += item["content"][0]["text"]
+        elif item["type"] == "function_call":
+            message.setdefault("tool_calls", []).append(
+                {"id": item["call_id"], "type": "function",
+                 "function": {"name": item["name"], "arguments": item["arguments"]}})
+    return [message]
+
+
+def response_skeleton(body: dict, req: ChatRequest, model: str, previous: str | None, replica: str) -> dict:
+    """The response object before any output: what the request asked for, echoed as OpenAI does."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    tools = [{"type": "function", "name": tool["name"], "description": tool["description"],
+              "parameters": tool["parameters"], "strict": False} for tool in req.tools]
+    choice: Any = req.tool_choice if req.tools else body.get("tool_choice", "auto")
+    if req.tool_name is not None:
+        choice = {"type": "function", "name": req.tool_name}
+    return {
+        "id": f"resp_{replica}_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "status": "in_progress",
+        "background": False, "completed_at": None, "error": None, "incomplete_details": None,
+        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+        "model": model, "output": [], "parallel_tool_calls": req.parallel_tool_calls,
+        "previous_response_id": previous, "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store") is not False, "temperature": req.params.get("temperature"),
+        "text": {"format": text.get("format") or {"type": "text"}}, "tool_choice": choice, "tools": tools,
+        "top_p": req.params.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+    }
+
+
+async def collect(generation: Generation, first: list[dict], api: ChatAPI | ResponsesAPI) -> dict:
     chunks = list(first)
     try:
         while batch := await generation.next_chunks():
             chunks += batch
     finally:
         generation.cancel()
-    return chat_completion(chunks, generation.stats.usage)
+    return api.answer(chunks, generation.stats.usage)
 
 
-def _sse(chunk: dict) -> bytes:
-    return b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n"
-
-
-async def sse_events(generation: Generation, first: list[dict], include_usage: bool,
+async def sse_events(generation: Generation, first: list[dict], api: ChatAPI | ResponsesAPI,
                      n_ctx: int) -> AsyncIterator[bytes | dict]:
-    """The SSE stream: chunks, the usage chunk if asked, [DONE]; a late error as one event."""
+    """The SSE stream: the API's frames for each batch, then its closing ones; a late error as one event."""
     try:
         batch = first
         while batch:
-            yield b"".join(_sse(chunk) for chunk in batch)  # what is ready goes out in one write
+            yield api.frames(batch)  # what is ready goes out in one write
             batch = await generation.next_chunks()
-        if include_usage:
-            usage_chunk = {key: first[0].get(key) for key in ("id", "object", "created", "model", "system_fingerprint")}
-            yield _sse({**usage_chunk, "choices": [], "usage": generation.stats.usage})
-        yield {"data": "[DONE]"}
+        for frame in api.closing(generation.stats.usage):
+            yield frame
     except Exception as exc:
-        yield _sse(as_api_error(exc, n_ctx).to_dict())
+        yield api.error(as_api_error(exc, n_ctx))
     finally:
         generation.cancel()  # the client left, or the stream ended: stop the worker either way
 
@@ -2241,7 +3043,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex[:16]
+        request_id = caller_request_id(scope) or uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         started, status = time.perf_counter(), 0
 
@@ -2262,6 +3064,18 @@ class RequestLogMiddleware:
             log.info("%s", _log_line(request_id, scope, status, started, stats))
             if self.metrics is not None:
                 self.metrics.record(scope["path"], status, started, stats)
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def caller_request_id(scope: Scope) -> str | None:
+    """The caller's X-Request-Id (a proxy's or a client's), if it is short and plain enough to log."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if REQUEST_ID.fullmatch(text) else None
+    return None
 
 
 def _log_line(request_id: str, scope: Scope, status: int, started: float, stats: Stats | None) -> str:
@@ -2287,7 +3101,8 @@ def _log_line(request_id: str, scope: Scope, status: int, started: float, stats:
 
 PREFIX = "llmapiserver:"
 #: The routes a request is counted under; anything else is "other" (a scanner must not add series).
-METRIC_ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+METRIC_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/live",
+                 "/metrics")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800, 1600)
 
@@ -2322,6 +3137,8 @@ class Metrics:
         "e2e_request_latency_seconds": ("histogram", "from a generation request's arrival to its end"),
         "decode_tokens_per_second": ("histogram", "generated tokens per second after the first token"),
         "model_load_seconds": ("gauge", "seconds the model took to load"),
+        "kv_cache_usage_perc": ("gauge", "share of the context's KV cache in use, 0 to 1"),
+        "draining": ("gauge", "1 once the server is shutting down (readiness is off)"),
     }
 
     def __init__(self) -> None:
@@ -2352,7 +3169,7 @@ class Metrics:
                 self.histograms["decode_tokens_per_second"].observe(
                     (usage["completion_tokens"] - 1) / (now - stats.first_token))
 
-    def render(self, waiting: int, running: int) -> str:
+    def render(self, waiting: int, running: int, kv_cache: float = 0.0, draining: bool = False) -> str:
         values: dict[str, list[str]] = {
             "requests_total": [f'{{route="{route}",status="{status}"}} {n}'
                                for (route, status), n in sorted(self.requests.items())],
@@ -2362,6 +3179,8 @@ class Metrics:
             "requests_waiting": [f" {waiting}"],
             "requests_running": [f" {running}"],
             "model_load_seconds": [f" {self.model_load_seconds}"],
+            "kv_cache_usage_perc": [f" {kv_cache:.4f}"],
+            "draining": [f" {int(draining)}"],
         }
         lines = []
         for name, (kind, text) in self.HELP.items():
@@ -2417,6 +3236,12 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_chat_request(body, state.settings, state.n_vocab)
+    job = await chat_job(state, req)
+    return await answer(request, job, ChatAPI(req.include_usage), req.stream)
+
+
+async def chat_job(state: Any, req: ChatRequest) -> Job:
+    """What the worker runs for a chat request: images fetched, grammar checked, template chosen."""
     if state.settings.allow_remote_images and req.images:
         await asyncio.to_thread(fetch_remote_images, req.messages, state.settings)
     info = state.llm.template
@@ -2426,34 +3251,143 @@ async def chat_completions(request: Request) -> Response:
                                           state.check_native_grammar)
     kwargs = completion_kwargs(req, state.settings.model_name, grammar, info)
     output = chat_output(req, info, kwargs["messages"], state.fingerprint)
-    n_ctx = state.llm.n_ctx()
-    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    return Job(kwargs, output, req.n, STREAM_WAKE_INTERVAL if req.stream else math.inf,
+               state.settings.max_generation_seconds, req.top_logprobs)
+
+
+async def completions(request: Request) -> Response:
+    state = request.app.state
+    body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+    req = validate_completion_request(body, state.n_vocab)
+    kwargs = {"prompt": req.prompt, "model": state.settings.model_name, **req.params}
+    job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), req.n,
+              STREAM_WAKE_INTERVAL if req.stream else math.inf, state.settings.max_generation_seconds,
+              req.top_logprobs, text=True)
+    echo = None
+    if req.echo:
+        echo = req.prompt if isinstance(req.prompt, str) else \
+            state.llm.detokenize(req.prompt).decode("utf-8", "replace")
+    return await answer(request, job, TextAPI(req.include_usage, echo), req.stream)
+
+
+async def responses(request: Request) -> Response:
+    state = request.app.state
+    body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    if previous is not None and not isinstance(previous, str):
+        raise _bad("'previous_response_id' must be a string", "previous_response_id", "invalid_type")
+    history = state.responses.get(previous, "previous_response_id")[1] if previous else []
     try:
-        await unless_disconnected(state.gate.acquire(), disconnected, lambda _: state.gate.release())
-        stats = request.state.stats = Stats()
-        job = Job(kwargs, output, req.n, STREAM_WAKE_INTERVAL if req.stream else math.inf,
-                  state.settings.max_generation_seconds)
-        generation = Generation(state.llm, job, state.gate.release, stats, state.worker, state.shutdown)
-        try:
-            first = await unless_disconnected(generation.next_chunks(), disconnected)
-            if not first:
-                raise RuntimeError("the model produced no chunk")
-        except BaseException as exc:
-            generation.cancel()
-            if isinstance(exc, (ClientDisconnected, asyncio.CancelledError)):
-                raise
-            raise as_api_error(exc, n_ctx) from None
-        if req.stream:
-            disconnected.cancel()  # from here sse-starlette watches for the client leaving
-            # sse-starlette cuts open streams at shutdown; give ours the grace period and a second to say why.
-            return EventSourceResponse(sse_events(generation, first, req.include_usage, n_ctx), ping=15,
-                                       shutdown_grace_period=state.settings.shutdown_grace + 1)
-        answer = await unless_disconnected(collect(generation, first), disconnected)
-        return JSONResponse(answer)
+        req = validate_chat_request(responses_to_chat(body, history), state.settings, state.n_vocab)
+    except APIError as exc:
+        raise as_responses_error(exc) from None
+    if req.n != 1:
+        raise _bad("'n' is not a Responses API field", "n", "unsupported")
+    instructions = 1 if body.get("instructions") else 0
+    turns = req.messages[instructions:]  # what a next turn continues from: instructions are not carried
+    api = ResponsesAPI(response_skeleton(body, req, state.settings.model_name, previous, state.settings.replica_id),
+                       turns, state.responses)
+    return await answer(request, await chat_job(state, req), api, req.stream)
+
+
+async def get_response(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.get(request.path_params["response_id"])[0])
+
+
+async def delete_response(request: Request) -> JSONResponse:
+    response_id = request.path_params["response_id"]
+    request.app.state.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def answer(request: Request, job: Job, api: ChatAPI | ResponsesAPI, stream: bool) -> Response:
+    """Wait for the model, run the job, and answer with the API's stream or JSON body. A client that
+    leaves while waiting or generating stops its generation.
+
+    A stream still waiting after STREAM_KEEPALIVE_AFTER starts anyway, with an SSE comment (then
+    sse-starlette's ping every 15 s), so a proxy's idle timeout does not cut it in the queue; its
+    errors then come as an event. Before that it can get a plain 503 at shutdown, which a proxy
+    replays on another replica.
+    """
+    state = request.app.state
+    gate = state.gate
+    ticket = gate.enter()  # 429 (queue full) or 503 (stopping) now, as the HTTP status
+    turn = asyncio.ensure_future(gate.wait(ticket))
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    started, handed_off = False, False  # once a Generation runs, its worker releases the gate
+    try:
+        if stream and not ticket.done():
+            try:
+                await unless_disconnected(asyncio.wait_for(asyncio.shield(turn),
+                                                           state.settings.stream_keepalive_after), disconnected)
+            except asyncio.TimeoutError:
+                gate.commit(ticket)
+                handed_off = True
+                return event_stream(request, queued_stream(request, job, api, turn))
+        else:
+            await unless_disconnected(asyncio.shield(turn), disconnected)
+        generation = start_generation(request, job)
+        started = True
+        first = await unless_disconnected(first_chunks(generation, state.llm.n_ctx()), disconnected)
+        if stream:
+            return event_stream(request, sse_events(generation, first, api, state.llm.n_ctx()))
+        body = await unless_disconnected(collect(generation, first, api), disconnected)
+        return JSONResponse(body)
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
-        disconnected.cancel()
+        disconnected.cancel()  # a stream's client is watched by sse-starlette from here
+        if handed_off or started:
+            pass
+        elif not turn.done():
+            turn.cancel()  # still queued: leave the queue
+        elif not turn.cancelled() and turn.exception() is None:
+            gate.release()  # our turn came, but we never started: pass it on
+
+
+def start_generation(request: Request, job: Job) -> Generation:
+    """With the gate held: start the job; from here its worker releases the gate when it stops."""
+    state = request.app.state
+    stats = request.state.stats = state.current = Stats()
+    return Generation(state.llm, job, state.gate.release, stats, state.worker, state.shutdown)
+
+
+async def first_chunks(generation: Generation, n_ctx: int) -> list[dict]:
+    """The first chunks; an error before any output is the client's 400 or our 500."""
+    try:
+        first = await generation.next_chunks()
+        if not first:
+            raise RuntimeError("the model produced no chunk")
+    except BaseException as exc:
+        generation.cancel()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise as_api_error(exc, n_ctx) from None
+    return first
+
+
+async def queued_stream(request: Request, job: Job, api: ChatAPI | ResponsesAPI,
+                        turn: asyncio.Future) -> AsyncIterator[bytes | dict]:
+    """A stream that starts before its turn: a comment now, then the answer (or an error event).
+    A client that leaves cancels this, and with it its place in the queue."""
+    state = request.app.state
+    yield b": waiting for the model\r\n\r\n"
+    try:
+        await turn
+        generation = start_generation(request, job)
+        first = await first_chunks(generation, state.llm.n_ctx())
+    except APIError as exc:
+        yield api.error(exc)
+        return
+    async for frame in sse_events(generation, first, api, state.llm.n_ctx()):
+        yield frame
+
+
+def event_stream(request: Request, frames: AsyncIterator[bytes | dict]) -> EventSourceResponse:
+    # sse-starlette cuts open streams at shutdown; give ours the grace period and a second to say why.
+    # X-Accel-Buffering: nginx passes each event on at once instead of buffering the stream.
+    return EventSourceResponse(frames, ping=15, headers={"X-Accel-Buffering": "no"},
+                               shutdown_grace_period=request.app.state.settings.shutdown_grace + 1)
 
 
 def system_fingerprint(settings: Settings) -> str:
@@ -2482,13 +3416,32 @@ async def get_model(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    """Readiness: 200 while serving (a full queue too), 503 once draining or with the worker gone."""
+    state = request.app.state
+    if state.shutdown.draining or not state.worker_alive():
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def live(request: Request) -> JSONResponse:
+    """Liveness: 200 unless the llama.cpp worker is dead or a generation stalled (no token for
+    LIVENESS_STALL_SECONDS); a long but moving generation is alive."""
+    state = request.app.state
+    if not state.worker_alive():
+        return JSONResponse({"status": "dead"}, status_code=503)
+    current = state.current
+    if state.gate.running and current is not None and \
+            time.monotonic() - current.progress > state.settings.liveness_stall_seconds:
+        return JSONResponse({"status": "stalled"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 async def metrics(request: Request) -> Response:
     state = request.app.state
     gate = state.gate
-    text = state.metrics.render(waiting=gate.waiting, running=int(gate.running))
+    text = state.metrics.render(waiting=gate.waiting, running=int(gate.running),
+                                kv_cache=state.llm.n_tokens / max(state.llm.n_ctx(), 1),
+                                draining=state.shutdown.draining)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -2498,7 +3451,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 #: What /v1 serves, for the 404 of any other /v1 path.
-SERVED_ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}"
+SERVED_ROUTES = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, "
+                 "GET and DELETE /v1/responses/{id}, GET /v1/models, GET /v1/models/{model}")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -2541,17 +3495,25 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
         app.state.n_vocab = llm.n_vocab()
         app.state.fingerprint = system_fingerprint(settings)
         app.state.check_native_grammar = NativeGrammarCheck(llama_cpp.llama_model_get_vocab(llm.model))
-        app.state.shutdown = Shutdown(settings.shutdown_grace)
+        app.state.shutdown = Shutdown(settings.shutdown_grace, settings.drain_delay)
+        app.state.shutdown.on_close(lambda: app.state.gate.close(APIError(
+            503, "The server is shutting down and did not start this request; send it again (to another "
+            "replica)", code="server_shutting_down", headers={"Retry-After": "1"})))
         app.state.shutdown.begin_on_signals()
+        app.state.current = None  # the running generation's Stats, for /live
+        unloaded = threading.Event()
+        app.state.worker_alive = lambda: not unloaded.is_set()
         auth.configure(settings.api_keys, settings.metrics_require_key)
         cors.configure(settings.cors_origins)
         app.state.metrics = recorded
+        app.state.responses = ResponseStore(settings.responses_store, settings.replica_id)
         recorded.model_load_seconds = llm.load_seconds
         log.info("serving %s (%s) on %s:%s, auth %s", settings.model_name, settings.model_type,
                  settings.host, settings.port, "on" if settings.api_keys else "off")
         try:
             yield
         finally:
+            unloaded.set()
             # Free llama.cpp's memory now (not in a __del__ at interpreter exit), on its own thread.
             await asyncio.get_running_loop().run_in_executor(worker, llm.close)
             worker.shutdown(wait=True, cancel_futures=True)
@@ -2559,9 +3521,14 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/live", live, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
@@ -2611,7 +3578,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = uvicorn.Config(create_app(settings, llm, worker), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False, log_config=None,  # our format
-                            timeout_graceful_shutdown=settings.shutdown_grace + 2)
+                            timeout_graceful_shutdown=settings.shutdown_grace + 2,
+                            timeout_keep_alive=settings.keep_alive_timeout)
     _Server(config).run()
     return 0
 

@@ -56,8 +56,9 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess on a free port; start() waits for /health and fails fast if it dies."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, module: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, module: bool = False,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         if module:  # `uvicorn llmapiserver:app`
@@ -316,12 +317,6 @@ def test_json_object_response_format(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(content), dict)
 
 
-def test_logprobs_are_refused_while_off(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], logprobs=True)
-    assert info.value.body["param"] == "logprobs"
-
-
 ###############################################################################
 # Models, health, auth
 ###############################################################################
@@ -437,6 +432,8 @@ BAD_REQUESTS = [
     pytest.param({"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias", id="logit-bias-range"),
     pytest.param({"messages": USER, "logit_bias": {"5": 500}}, "logit_bias", id="logit-bias-value"),
     pytest.param({"messages": USER, "top_logprobs": 3}, "top_logprobs", id="top-logprobs-alone"),
+    pytest.param({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", id="top-logprobs-21"),
+    pytest.param({"messages": USER, "logprobs": 1}, "logprobs", id="logprobs-number"),
     pytest.param({"messages": USER, "response_format": {"type": "xml"}}, "response_format.type", id="format-type"),
     pytest.param({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
                  id="format-schema-missing"),
@@ -730,9 +727,9 @@ def test_uvicorn_module_app_serves(model_path: str, tmp_path: Path) -> None:
 
 
 def test_flags_win_over_env_and_defaults(model_path: str) -> None:
-    settings = las.load_settings(["--n-ctx", "1024", "--logprobs"], {"N_CTX": "2048", "MODEL_NAME": "m",
-                                                                      "API_KEYS": "key-a, key-b ,,key-c"})
-    assert settings.n_ctx == 1024 and settings.logprobs is True and settings.model_name == "m"
+    settings = las.load_settings(["--n-ctx", "1024", "--allow-remote-images"], {
+        "N_CTX": "2048", "MODEL_NAME": "m", "API_KEYS": "key-a, key-b ,,key-c", "ALLOW_REMOTE_IMAGES": "0"})
+    assert settings.n_ctx == 1024 and settings.allow_remote_images is True and settings.model_name == "m"
     assert settings.api_keys == ("key-a", "key-b", "key-c")
     assert "key-a" not in repr(settings)  # keys stay out of logs and tracebacks
     default = las.load_settings([], {})
@@ -1018,28 +1015,6 @@ def test_image_prompt_answer_equals_llama_tokenizer(model_path: str, tmp_path: P
     slow = list(llm.create_chat_completion(stream=True, **las.completion_kwargs(req, "m", None, llm.template)))
     llm.close()
     assert [c["choices"][0]["delta"] for c in fast] == [c["choices"][0]["delta"] for c in slow]
-
-
-def test_logprobs_equal_llama_cpp_python(model_path: str, tmp_path: Path) -> None:
-    import llama_cpp
-
-    messages = [{"role": "user", "content": "Name a fruit."}]
-    ref = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=las.physical_cores(), flash_attn=SERVER_FLASH_ATTN,
-                          logits_all=True, verbose=False)
-    want = expected(ref, messages, max_tokens=6, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"]
-    ref.close()
-    with running_server(tmp_path, ["--logprobs", "--n-ctx", "512", "--flash-attn", "on"]) as proc:
-        client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0)
-        got = client.chat.completions.create(model="x", messages=messages, max_tokens=6, logprobs=True,
-                                             top_logprobs=2, **GREEDY).choices[0].logprobs.content
-        streamed = [item for chunk in client.chat.completions.create(
-            model="x", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, stream=True, **GREEDY)
-            if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
-    assert len(got) == len(want) == 6
-    for item, other, wanted in zip(got, streamed, want):
-        assert item.token == other.token == wanted["token"]
-        assert item.logprob == pytest.approx(wanted["logprob"], abs=1e-3)
-        assert [t.token for t in item.top_logprobs] == [t["token"] for t in wanted["top_logprobs"]]
 
 
 ###############################################################################
@@ -2004,3 +1979,476 @@ def test_n_choices_each_complete_with_summed_usage(client: openai.OpenAI, stream
     single = client.chat.completions.create(**{**kwargs, "n": 1, "temperature": 0})
     assert usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is counted once
     assert usage.completion_tokens <= 3 * 6 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+###############################################################################
+# Logprobs, legacy completions, the Responses API (issue 13)
+###############################################################################
+
+#: SmolLM2's template with this system message, rendered by hand: the raw prompt the chat request means.
+TERSE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
+TERSE_PROMPT = ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+
+def direct_logprobs(reference, prompt: str, tokens: list[int], top: int) -> list[tuple[float, list[int]]]:
+    """Each token's logprob and the top alternatives, from llama.cpp's logits step by step."""
+    import llama_cpp
+
+    reference.reset()
+    reference.eval(reference.tokenize(prompt.encode(), special=True))
+    out = []
+    for token in tokens:
+        row = llama_cpp.llama_get_logits_ith(reference.ctx, -1)  # the last evaluated token's logits
+        logits = np.ctypeslib.as_array(row, shape=(reference.n_vocab(),)).astype(np.float64)
+        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+        out.append((float(logprobs[token]), [int(t) for t in np.argsort(-logprobs, kind="stable")[:top]]))
+        reference.eval([token])
+    reference.reset()
+    return out
+
+
+@pytest.mark.parametrize("top", [0, 1, 5, 20])
+def test_logprobs_equal_a_direct_computation_from_the_logits(client: openai.OpenAI, reference, top: int) -> None:
+    got = client.chat.completions.create(model="x", messages=TERSE, max_tokens=6, logprobs=True,
+                                         top_logprobs=top, **GREEDY).choices[0].logprobs.content
+    tokens = [reference.tokenize(bytes(item.bytes), add_bos=False, special=True)[0] for item in got]
+    want = direct_logprobs(reference, TERSE_PROMPT, tokens, top)
+    assert len(got) == 6
+    for item, (logprob, alternatives) in zip(got, want):
+        assert item.logprob == pytest.approx(logprob, abs=2e-3)
+        assert len(item.top_logprobs) == top  # exactly as many as asked: the sampled token is not added
+        assert [reference.tokenize(bytes(t.bytes), add_bos=False, special=True)[0] for t in item.top_logprobs] \
+            == alternatives
+        assert item.token == bytes(item.bytes).decode("utf-8", "replace")
+        if top:
+            assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)  # greedy: the best one
+
+
+def test_streamed_logprobs_equal_the_json_ones(client: openai.OpenAI) -> None:
+    kwargs = dict(model="x", messages=TERSE, max_tokens=8, logprobs=True, top_logprobs=2, **GREEDY)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [item for chunk in client.chat.completions.create(stream=True, **kwargs)
+                if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert [i.model_dump() for i in streamed] == [i.model_dump() for i in whole]
+    assert len(whole) == 8
+
+
+def test_completions_take_the_raw_prompt_as_chat_renders_it(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="x", messages=TERSE, max_tokens=12, **GREEDY)
+    text = client.completions.create(model="x", prompt=TERSE_PROMPT, max_tokens=12, **GREEDY)
+    assert text.object == "text_completion" and text.choices[0].text == chat.choices[0].message.content
+    assert text.usage.prompt_tokens == chat.usage.prompt_tokens
+    assert text.choices[0].finish_reason == chat.choices[0].finish_reason
+    streamed = list(client.completions.create(model="x", prompt=TERSE_PROMPT, max_tokens=12, stream=True,
+                                              stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text.choices[0].text
+    assert streamed[-1].usage.completion_tokens == text.usage.completion_tokens
+    assert all(c.object == "text_completion" for c in streamed)
+
+
+def test_completions_default_to_16_tokens_and_take_token_ids(client: openai.OpenAI, reference) -> None:
+    answer = client.completions.create(model="x", prompt="Once upon a time", logit_bias=NO_EOS, **GREEDY)
+    assert answer.usage.completion_tokens == 16 and answer.choices[0].finish_reason == "length"
+    tokens = reference.tokenize(b"Once upon a time")
+    by_ids = client.completions.create(model="x", prompt=tokens, logit_bias=NO_EOS, **GREEDY)
+    assert by_ids.choices[0].text == answer.choices[0].text
+
+
+def test_completions_echo_and_legacy_logprobs(client: openai.OpenAI, reference) -> None:
+    echoed = client.completions.create(model="x", prompt="The sky is", max_tokens=4, echo=True, **GREEDY)
+    plain = client.completions.create(model="x", prompt="The sky is", max_tokens=4, logprobs=3, **GREEDY)
+    assert echoed.choices[0].text == "The sky is" + plain.choices[0].text
+    lp = plain.choices[0].logprobs
+    assert "".join(lp.tokens) == plain.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) == 3 and max(top.values()) == pytest.approx(logprob)
+               for top, logprob in zip(lp.top_logprobs, lp.token_logprobs))
+    tokens = reference.tokenize(b"".join(t.encode() for t in lp.tokens), add_bos=False)
+    want = direct_logprobs(reference, "The sky is", tokens, 3)
+    assert lp.token_logprobs == pytest.approx([logprob for logprob, _ in want], abs=2e-3)
+    streamed = list(client.completions.create(model="x", prompt="The sky is", max_tokens=4, echo=True,
+                                              stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+
+
+def test_completions_n_choices(client: openai.OpenAI) -> None:
+    answer = client.completions.create(model="x", prompt="My favourite colour is", max_tokens=5, n=3,
+                                       temperature=1.0, seed=3, logit_bias=NO_EOS)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert answer.usage.completion_tokens == 15
+
+
+BAD_COMPLETIONS = [
+    pytest.param({}, "prompt", id="prompt-missing"),
+    pytest.param({"prompt": 5}, "prompt", id="prompt-number"),
+    pytest.param({"prompt": ["a", "b"]}, "prompt", id="prompt-batch"),
+    pytest.param({"prompt": [1, -1]}, "prompt", id="prompt-token-negative"),
+    pytest.param({"prompt": [99999999]}, "prompt", id="prompt-token-outside-vocab"),
+    pytest.param({"prompt": "x", "suffix": "y"}, "suffix", id="suffix"),
+    pytest.param({"prompt": "x", "best_of": 3}, "best_of", id="best-of"),
+    pytest.param({"prompt": "x", "logprobs": 21}, "logprobs", id="logprobs-21"),
+    pytest.param({"prompt": "x", "logprobs": True}, "logprobs", id="logprobs-bool"),
+    pytest.param({"prompt": "x", "echo": True, "logprobs": 1}, "echo", id="echo-with-logprobs"),
+    pytest.param({"prompt": "x", "echo": "yes"}, "echo", id="echo-string"),
+    pytest.param({"prompt": "x", "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
+    pytest.param({"prompt": "x", "temperature": 9}, "temperature", id="temperature"),
+    pytest.param({"prompt": "x", "n": 9}, "n", id="n-9"),
+    pytest.param({"prompt": "x", "top_logprobs": 2}, "top_logprobs", id="chat-top-logprobs"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_COMPLETIONS)
+def test_bad_completion_request_is_400_naming_the_field(http: httpx.Client, body: dict, param: str) -> None:
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def response_events(http: httpx.Client, body: dict) -> list[dict]:
+    with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_responses_text_equals_chat(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="x", messages=TERSE, max_tokens=40, **GREEDY)
+    answer = client.responses.create(model="x", instructions="You are terse.", input="Name a fruit.",
+                                     max_output_tokens=40, temperature=0, extra_body={"seed": 7})
+    assert answer.object == "response" and answer.status == "completed"
+    assert answer.output_text == chat.choices[0].message.content
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                       chat.usage.completion_tokens)
+    assert answer.output[0].type == "message" and answer.output[0].content[0].type == "output_text"
+
+
+def test_responses_stream_sends_the_documented_events(http: httpx.Client, client: openai.OpenAI) -> None:
+    events = response_events(http, {"input": "Count to three.", "max_output_tokens": 30, "temperature": 0})
+    kinds = [event["type"] for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete" if events[-1]["response"]["status"] == "incomplete"
+                          else "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    text = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == text
+    with client.responses.stream(model="x", input="Say hello.", max_output_tokens=200, temperature=0) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.status == "completed"
+
+
+def test_responses_json_schema_and_parse(client: openai.OpenAI) -> None:
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=120)
+
+    answer = client.responses.parse(model="x", input="Invent a person.", text_format=Person, temperature=0,
+                                    max_output_tokens=80)
+    assert isinstance(answer.output_parsed, Person)
+
+
+def test_responses_previous_response_id_continues_the_conversation(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="x", input="My name is Ada.", max_output_tokens=10, temperature=0)
+    second = client.responses.create(model="x", input="What is my name?", previous_response_id=first.id,
+                                     max_output_tokens=10, temperature=0)
+    alone = client.responses.create(model="x", input="What is my name?", max_output_tokens=10, temperature=0)
+    # The first turn and its answer are in the prompt: SmolLM2's template adds them token for token.
+    assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens
+    assert second.previous_response_id == first.id
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="x", input="Hi", previous_response_id="resp_unknown")
+    assert info.value.body["param"] == "previous_response_id" and "memory" in info.value.body["message"]
+
+
+RESPONSE_TOOLS = [{"type": "function", "name": WEATHER["function"]["name"], "description": "weather",
+                   "parameters": WEATHER["function"]["parameters"]}]
+
+
+def test_responses_function_call_round_trip(tool_server: ServerProcess) -> None:
+    client = sdk(tool_server)
+    asked = client.responses.create(model="x", input="What is the weather like in Paris today?",
+                                    tools=RESPONSE_TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                    temperature=0, max_output_tokens=80)
+    calls = [item for item in asked.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id
+    assert valid_arguments(WEATHER, calls[0].arguments)
+    answered = client.responses.create(
+        model="x", tools=RESPONSE_TOOLS, temperature=0, max_output_tokens=20,
+        input=[{"role": "user", "content": "What is the weather like in Paris today?"},
+               calls[0].model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}])
+    assert answered.status in ("completed", "incomplete") and answered.output
+    events = response_events(httpx.Client(base_url=tool_server.base_url, headers={"Authorization": f"Bearer {KEY}"}),
+                             {"input": "What is the weather like in Paris today?", "tools": RESPONSE_TOOLS,
+                              "tool_choice": {"type": "function", "name": "get_weather"}, "temperature": 0,
+                              "parallel_tool_calls": False, "max_output_tokens": 80})
+    kinds = [event["type"] for event in events]
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    done = next(event for event in events if event["type"] == "response.function_call_arguments.done")
+    assert valid_arguments(WEATHER, done["arguments"])
+    assert events[-1]["response"]["output"][-1]["type"] == "function_call"
+
+
+def test_responses_reasoning_is_a_reasoning_item(think_server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=think_server.base_url + "/v1", api_key="none", max_retries=0)
+    answer = client.responses.create(model="x", input="Hi", max_output_tokens=24, temperature=0)
+    assert answer.output[0].type == "reasoning" and answer.output[0].content[0].text
+
+
+BAD_RESPONSES = [
+    pytest.param({}, "input", id="input-missing"),
+    pytest.param({"input": 5}, "input", id="input-number"),
+    pytest.param({"input": [{"type": "message", "role": "robot", "content": "x"}]}, "input[0].role", id="role"),
+    pytest.param({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type", id="item-reference"),
+    pytest.param({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+                 "input[0].content[0].type", id="input-file"),
+    pytest.param({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type", id="hosted-tool"),
+    pytest.param({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name",
+                 id="tool-name"),
+    pytest.param({"input": "x", "max_output_tokens": 0}, "max_output_tokens", id="max-output-tokens"),
+    pytest.param({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type", id="format-type"),
+    pytest.param({"input": "x", "background": True}, "background", id="background"),
+    pytest.param({"input": "x", "previous_response_id": 5}, "previous_response_id", id="previous-id-number"),
+    pytest.param({"input": "x", "instructions": ["x"]}, "instructions", id="instructions-list"),
+    pytest.param({"input": "x", "temperature": 5}, "temperature", id="temperature"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_RESPONSES)
+def test_bad_responses_request_is_400_naming_the_field(http: httpx.Client, body: dict, param: str) -> None:
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+###############################################################################
+# JSON schema keywords: enforced by the grammar or refused (issue 13)
+###############################################################################
+
+BOUNDED = [
+    pytest.param({"type": "integer", "minimum": 100, "maximum": 120}, id="integer-100-120"),
+    pytest.param({"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3}, id="integer-exclusive"),
+    pytest.param({"type": "integer", "minimum": -50, "maximum": -40}, id="integer-negative"),
+    pytest.param({"type": "integer", "minimum": 1000}, id="integer-minimum-only"),
+    pytest.param({"type": "number", "minimum": 0, "maximum": 1}, id="number-0-1"),
+    pytest.param({"type": "number", "minimum": -2, "maximum": 2}, id="number-around-0"),
+    pytest.param({"type": "string", "minLength": 3, "maxLength": 5}, id="string-length"),
+    pytest.param({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3}, id="items"),
+    pytest.param({"enum": ["red", "green"]}, id="enum"),
+    pytest.param({"const": 42}, id="const"),
+    pytest.param({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}, id="pattern"),
+    pytest.param({"anyOf": [{"type": "integer", "minimum": 5, "maximum": 6}, {"type": "null"}]}, id="any-of"),
+    pytest.param({"$ref": "#/$defs/small", "$defs": {"small": {"type": "integer", "maximum": -900}}}, id="ref"),
+]
+
+
+@pytest.mark.parametrize("prop", BOUNDED)
+def test_what_a_schema_states_holds_in_every_answer(http: httpx.Client, prop: dict) -> None:
+    import jsonschema
+
+    defs = prop.pop("$defs", None)
+    schema = {"type": "object", "properties": {"a": prop}, "required": ["a"], "additionalProperties": False,
+              **({"$defs": defs} if defs else {})}
+    prop.update({"$defs": defs} if defs else {})
+    for seed in range(3):  # a prompt that pulls outside the bounds, and sampling that wanders
+        body = {"messages": [{"role": "user", "content": "Answer with a = 7777777, a long text, or -1.5"}],
+                "response_format": schema_format(schema), "temperature": 1.5, "seed": seed, "max_tokens": 60}
+        answer = http.post("/v1/chat/completions", json=body).json()
+        if answer["choices"][0]["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(answer["choices"][0]["message"]["content"]), schema)
+
+
+UNENFORCEABLE = [
+    pytest.param({"type": "integer", "multipleOf": 5}, "multipleOf", id="multipleOf"),
+    pytest.param({"type": "number", "minimum": 0.5}, "minimum", id="fractional-number-bound"),
+    pytest.param({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum", id="exclusive-number-bound"),
+    pytest.param({"type": ["integer", "null"], "maximum": 3}, "maximum", id="bound-on-a-type-list"),
+    pytest.param({"minimum": 3}, "minimum", id="bound-without-type"),
+    pytest.param({"type": "string", "format": "email"}, "format", id="format-email"),
+    pytest.param({"type": "string", "pattern": "^a+$", "maxLength": 3}, "pattern", id="pattern-with-length"),
+    pytest.param({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems", id="unique"),
+    pytest.param({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "patternProperties",
+                 id="patternProperties"),
+    pytest.param({"not": {"type": "string"}}, "not", id="not"),
+    pytest.param({"type": "object", "minProperties": 1}, "minProperties", id="minProperties"),
+    pytest.param({"type": "integer", "minimum": 5, "maximum": 1}, "nothing can match", id="empty-range"),
+]
+
+
+@pytest.mark.parametrize("prop, keyword", UNENFORCEABLE)
+def test_a_keyword_no_grammar_enforces_is_a_400_naming_it(http: httpx.Client, prop: dict, keyword: str) -> None:
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=4),
+                                                       "response_format": schema_format(one_property(prop))})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema" and keyword in error["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": one_property(prop)}}
+    response = http.post("/v1/chat/completions", json={**ask(max_tokens=4), "tools": [tool]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+INTEGER_RANGES = [(0, 0), (0, 9), (1, 5), (7, 1234), (-5, 5), (-120, -3), (None, 10), (3, None), (None, -7),
+                  (-1000, None), (99, 1001)]
+
+
+@pytest.mark.parametrize("low, high", INTEGER_RANGES)
+def test_integer_and_number_ranges_match_exactly_their_values(low: int | None, high: int | None) -> None:
+    def regex(gbnf: str) -> re.Pattern:  # these rules use only literals, classes and {m,n}: a regex says the same
+        gbnf = re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), gbnf.replace(" space", ""))
+        return re.compile(gbnf.replace(" ", ""))
+
+    integers, numbers = regex(las.integer_range(low, high)), regex(las.number_range(low, high))
+    inside = lambda v: (low is None or v >= low) and (high is None or v <= high)  # noqa: E731
+    for value in range(-1300, 1300):
+        assert bool(integers.fullmatch(str(value))) == inside(value), value
+        for text in (str(value), f"{value}.5", f"{value}.0", f"{value}.25"):
+            if not (value == 0 and text.startswith("0.") is False and text.startswith("-")):
+                assert bool(numbers.fullmatch(text)) == inside(float(text)), text
+    assert not integers.fullmatch("007") and not integers.fullmatch("1.5")
+
+
+###############################################################################
+# Behind load balancers: readiness, liveness, draining, request ids (issue 14)
+###############################################################################
+
+
+def in_thread(target, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run target(*args, **kwargs) in a thread; its return value (or exception) lands in the list."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(target(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def wait_for(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_turns_readiness_off_and_drain_delay_keeps_serving(model_path: str, tmp_path: Path) -> None:
+    proc = ServerProcess(["--drain-delay", "3", "--shutdown-grace", "5"], {}, tmp_path / "server.log").start()
+    assert httpx.get(proc.base_url + "/health").json() == {"status": "ok"}
+    signalled = time.monotonic()
+    proc.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(proc.base_url + "/health").status_code == 503, 2)
+    assert httpx.get(proc.base_url + "/health").json() == {"status": "draining"}
+    assert httpx.get(proc.base_url + "/live").status_code == 200
+    assert scrape(proc.base_url)["llmapiserver:draining"] == 1
+    # Still serving during the drain delay: a balancer that has not polled yet loses nothing.
+    answer = httpx.post(proc.base_url + "/v1/chat/completions", json=ask(max_tokens=3), timeout=30)
+    assert answer.status_code == 200
+    assert proc.process.wait(30) == 0
+    assert time.monotonic() - signalled >= 2.5
+    proc.log_file.close()
+
+
+def test_waiting_requests_get_a_503_to_replay_at_shutdown(model_path: str, tmp_path: Path) -> None:
+    proc = ServerProcess(["--shutdown-grace", "30"], {}, tmp_path / "server.log").start()
+    running, events = in_thread(stream_then_signal, proc, 0, 120)  # signal 0: just a long stream
+    wait_for(lambda: scrape(proc.base_url)["llmapiserver:requests_running"] == 1)
+    queued = [in_thread(httpx.post, proc.base_url + "/v1/chat/completions",
+                        json={**ask(max_tokens=3), "stream": stream}, timeout=30) for stream in (False, True)]
+    wait_for(lambda: scrape(proc.base_url)["llmapiserver:requests_waiting"] == 2)
+    signalled = time.monotonic()
+    proc.process.send_signal(signal.SIGTERM)
+    for thread, out in queued:
+        thread.join(10)
+        assert out[0].status_code == 503 and out[0].headers["retry-after"]
+        assert out[0].json()["error"]["code"] == "server_shutting_down"
+    assert time.monotonic() - signalled < 5  # at once, not after the running stream
+    running.join(60)
+    assert events[0][-1] == "[DONE]"  # the running one finished
+    assert proc.process.wait(30) == 0
+    proc.log_file.close()
+
+
+def test_a_stream_that_waits_long_starts_with_a_comment_and_reports_late_errors(model_path: str,
+                                                                                  tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--stream-keepalive-after", "0.5", "--n-ctx", "1024"]) as proc:
+        def busy() -> tuple[threading.Thread, list]:
+            body = {**ask(max_tokens=150), "logit_bias": NO_EOS}
+            running = in_thread(httpx.post, proc.base_url + "/v1/chat/completions", json=body, timeout=60)
+            wait_for(lambda: scrape(proc.base_url)["llmapiserver:requests_running"] == 1)
+            return running
+
+        first, _ = busy()
+        with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json={**ask(max_tokens=3), "stream": True},
+                          timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines) == ": waiting for the model"
+            assert first.is_alive()  # the comment came while the other request still ran
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and any(line.startswith("data: {") for line in rest)
+        first.join(60)
+
+        first, _ = busy()
+        body = {"messages": [{"role": "user", "content": LONG}], "stream": True}
+        with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200  # the stream began before the prompt was measured
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "context_length_exceeded"
+        first.join(60)
+
+
+REQUEST_IDS = [("trace-1234", "trace-1234"), ("a" * 128, "a" * 128), ("a" * 129, None), ("has space", None),
+               ("caf\u00e9".encode().decode("latin-1"), None)]
+
+
+@pytest.mark.parametrize("sent, echoed", REQUEST_IDS)
+def test_the_callers_request_id_is_kept_if_plain(server: ServerProcess, http: httpx.Client, sent: str,
+                                                  echoed: str | None) -> None:
+    got = http.post("/v1/chat/completions", json=ask(max_tokens=2),
+                    headers={"X-Request-Id": sent.encode("latin-1")}).headers["x-request-id"]
+    if echoed is None:
+        assert re.fullmatch(r"[0-9a-f]{16}", got)  # ours instead
+    else:
+        assert got == echoed
+        wait_for(lambda: f"req={echoed} POST /v1/chat/completions 200" in server.log(), 5)
+
+
+def test_idle_keep_alive_outlives_a_proxys_pool(server: ServerProcess) -> None:
+    """uvicorn's default closed idle connections after 5 s; a proxy pooling them for 60 s got 502s."""
+    def ask_health(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):
+            piece = sock.recv(4096)
+            if not piece:
+                return answer + b"(closed)"
+            answer += piece
+        return answer
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert ask_health(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        assert ask_health(sock).startswith(b"HTTP/1.1 200")  # the same connection, idle past uvicorn's default
+
+
+def test_a_response_stored_by_another_replica_is_a_404_saying_so(client: openai.OpenAI) -> None:
+    foreign = "resp_other-pod-7f9c_" + "0" * 32
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.retrieve(foreign)
+    assert info.value.body["code"] == "response_on_another_replica" and "other-pod-7f9c" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="x", input="Hi", previous_response_id=foreign)
+    assert "sticky" in info.value.body["message"] and info.value.body["param"] == "previous_response_id"
+    own = client.responses.create(model="x", input="Hi", max_output_tokens=2)
+    assert own.id.startswith("resp_") and client.responses.retrieve(own.id).id == own.id

@@ -96,7 +96,7 @@ def per_token_server_path(llm: las.ServedLlama, worker, n: int) -> float:
         kwargs = {"messages": MESSAGES, "max_tokens": n, "temperature": 0}
         generation = las.Generation(llm, las.Job(kwargs), gate.release, las.Stats(), worker, las.Shutdown(10))
         first = await generation.next_chunks()
-        async for _ in las.sse_events(generation, first, True, 8192):
+        async for _ in las.sse_events(generation, first, las.ChatAPI(include_usage=True), 8192):
             pass
         await generation.stats.done.wait()
         return (time.perf_counter() - started) / n
