@@ -24,6 +24,7 @@ import binascii
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -35,6 +36,8 @@ import json
 import logging
 import math
 import os
+import queue
+import random
 import re
 import signal
 import socket
@@ -54,6 +57,7 @@ import jinja2
 import llama_cpp
 import numpy as np
 import uvicorn
+from llama_cpp import _internals as llama_internals  # private: the slot engine's context, batch, sampler
 from llama_cpp import llama_chat_format, llama_grammar, mtmd_cpp
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 from sse_starlette.sse import EventSourceResponse
@@ -123,6 +127,7 @@ class Settings:
     n_gpu_layers: int = _opt(-1, "layers offloaded to the GPU; -1 all (needs a CUDA build), 0 none")
     flash_attn: str = _opt("auto", "auto, on or off; auto: on only where the layers run on a GPU (see README)",
                            const="on")
+    parallel: int = _opt(1, "requests decoded together in one batch (slots); 1: one at a time (see README)")
     max_queue: int = _opt(16, "requests that may wait for the model; past it 429")
     max_grammar_branches: int = _opt(1000, "most alternatives a response grammar may choose between at one "
                                      "point (enum values, anyOf); past it 400 (see README)")
@@ -235,7 +240,7 @@ def _resolve(s: Settings) -> Settings:
                       ("max_image_pixels", 1), ("remote_image_timeout", 1), ("shutdown_grace", 0),
                       ("port", 0), ("max_grammar_branches", 1), ("max_generation_seconds", 0),
                       ("responses_store", 0), ("drain_delay", 0), ("keep_alive_timeout", 1),
-                      ("liveness_stall_seconds", 1), ("stream_keepalive_after", 0)):
+                      ("liveness_stall_seconds", 1), ("stream_keepalive_after", 0), ("parallel", 1)):
         if getattr(s, name) < low:
             raise ConfigError(f"{name.upper()} has value {getattr(s, name)}: must be >= {low}")
     if s.port > 65535:
@@ -2020,6 +2025,10 @@ class PieceCacheTokenizer(LlamaTokenizer):
         self._grown = (tokens, len(tokens), tokens[-1], text)
         return text
 
+    def text_piece(self, token: int) -> bytes:
+        """One token's bytes as the answer's text has them (control tokens only if visible)."""
+        return self._pieces[False].get(token) or self._piece(token, False)
+
     def piece(self, token: int) -> bytes:
         """One token's bytes, control tokens spelled out (a logprobs entry names them)."""
         return self._pieces[True].get(token) or self._piece(token, True)
@@ -2078,6 +2087,9 @@ class ServedLlama(llama_cpp.Llama):
     #: limit, or at the end of the context, whatever the bytes.
     token_budget: int | None = None
     load_seconds = 0.0
+    #: The template as a plain chat handler (None: llama-cpp-python's default format). A vision
+    #: model's text-only requests use it on parallel slots: its vision handler evaluates prompts itself.
+    text_handler: Any = None
     #: Set for a generation that reports logprobs (it is in the logits processors too); the entries
     #: of the tokens sampled and not yet taken by the worker wait in `logprobs`.
     logprob_source: TokenLogprobs | None = None
@@ -2241,10 +2253,12 @@ def load_model(settings: Settings) -> ServedLlama:
     source = override or llm.metadata.get("tokenizer.chat_template", "")
     llm.template = TemplateInfo.from_source(source, settings.reasoning_format)
     llm.tokenizer_ = PieceCacheTokenizer(llm, visible=control_markers(llm))
-    if handler is None and source:  # the template renders with chat_template_kwargs, and raises as a 400
-        llm.chat_handler = ChatTemplate(source, eos_token=_token_text(llm, llm.token_eos()),
+    if source:  # the template renders with chat_template_kwargs, and raises as a 400
+        llm.text_handler = ChatTemplate(source, eos_token=_token_text(llm, llm.token_eos()),
                                         bos_token=_token_text(llm, llm.token_bos()),
                                         stop_token_ids=[llm.token_eos()]).to_chat_handler()
+    if handler is None:
+        llm.chat_handler = llm.text_handler
     log.info("chat template: %s; tool calls in the %s format; reasoning %s",
              "CHAT_TEMPLATE_FILE" if override else "the model's own" if source else "none (llama-2 format)",
              llm.template.tool_format, "extracted" if llm.template.reasoning else "left in the text")
@@ -2267,16 +2281,16 @@ def load_model(settings: Settings) -> ServedLlama:
 
 
 class Gate:
-    """One generation at a time, first come first served; at most `max_queue` may wait.
+    """`capacity` generations at a time (PARALLEL), first come first served; at most `max_queue` may wait.
 
     `enter` decides at once (a ticket, or 429 when the queue is full, or the closing error once the
     server stops taking work); `wait` waits for the ticket's turn. `close` answers every waiter at
     once: a request that never started gets a 503 a load balancer can replay elsewhere.
     """
 
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
-        self.running = False
+    def __init__(self, max_queue: int, capacity: int = 1) -> None:
+        self.max_queue, self.capacity = max_queue, capacity
+        self.running = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._committed: set[asyncio.Future] = set()  # waiters whose answer has begun: close() keeps them
         self._closed: APIError | None = None
@@ -2289,8 +2303,8 @@ class Gate:
         if self._closed is not None:
             raise self._closed
         ticket = asyncio.get_running_loop().create_future()
-        if not self.running and not self._waiters:
-            self.running = True
+        if self.running < self.capacity and not self._waiters:
+            self.running += 1
             ticket.set_result(None)
         elif len(self._waiters) >= self.max_queue:
             raise APIError(429, f"The server is busy: {len(self._waiters)} requests are already waiting",
@@ -2322,9 +2336,9 @@ class Gate:
         while self._waiters:
             ticket = self._waiters.popleft()
             if not ticket.done():
-                ticket.set_result(None)  # the gate passes to the next waiter, still running
+                ticket.set_result(None)  # the place passes to the next waiter, still running
                 return
-        self.running = False
+        self.running -= 1
 
     def close(self, error: APIError) -> None:
         self._closed = error
@@ -2438,6 +2452,7 @@ class Job:
     time_limit: float = 0.0  # MAX_GENERATION_SECONDS; 0: none
     top_logprobs: int | None = None  # logprobs with this many alternatives; None: none
     text: bool = False  # a raw prompt (/v1/completions): no chat template
+    serial: bool = False  # on the served context even with PARALLEL > 1 (images: the vision handler evaluates them there)
 
 
 def text_as_chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
@@ -2609,6 +2624,368 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
         return _bad(f"The model's chat template rejected the messages: {exc}", "messages", "invalid_messages")
     log.error("generation failed", exc_info=exc)
     return APIError(500, "The model failed while generating; see the server log", code="internal_error")
+
+
+###############################################################################
+# Generation: parallel slots (PARALLEL > 1) ###################################
+###############################################################################
+# With PARALLEL=N the chat path stays create_chat_completion (templates, tools, grammar, stop
+# strings as above), but each request's create_completion is served by a SlotEngine: one more
+# llama.cpp context on the loaded model with N sequences, decoded together in one batch per step.
+# llama-cpp-python keeps one sequence's state on its Llama, so the engine works on its own context,
+# with llama-cpp-python's low-level wrappers (_internals: LlamaContext, LlamaBatch, LlamaSampler).
+
+
+def prompt_token_ids(llm: llama_cpp.Llama, prompt: str | list[int]) -> list[int]:
+    """The tokens _create_completion evaluates for a prompt (no suffix): BOS (or CLS) when the model
+    adds one to text, the text with special tokens, EOS (or SEP) when the model adds one."""
+    if isinstance(prompt, list):
+        return list(prompt)
+    model = llm._model  # private: the pinned version's LlamaModel, for add_bos/eos and CLS/SEP ids
+    first = model.token_cls() if model.token_cls() != -1 else llm.token_bos()
+    last = model.token_sep() if model.token_sep() != -1 else llm.token_eos()
+    tokens = [first] if model.add_bos_token() and first != -1 else []
+    tokens += llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+    if model.add_eos_token() or model.token_sep() != -1:
+        tokens.append(last)
+    return tokens
+
+
+@dataclass
+class SlotJob:
+    """One create_completion call, as the engine runs it; `out` carries (chunk, logprobs entries)
+    pairs to the request's thread, then None (or an exception)."""
+
+    tokens: list[int]
+    sampling: dict  # Llama._init_sampler's keyword arguments
+    seed: int
+    max_tokens: int
+    stop: list[bytes]
+    logprobs: TokenLogprobs | None
+    head: dict  # id, created, model of the text_completion chunks
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    sampled: int = 0
+    eog: bool = False
+    completion: bytearray = field(default_factory=bytearray)  # the answer's bytes so far
+    sent: int = 0  # bytes of it already sent
+    entries: list[dict] = field(default_factory=list)  # logprobs not yet sent
+
+
+@dataclass
+class Slot:
+    """One sequence of the engine's context: the tokens its KV cache holds, and its job."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)
+    job: SlotJob | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    sampler: Any = None
+    last: int = -1  # the token to evaluate next while generating
+
+
+class SlotEngine:
+    """Up to `n_slots` requests decoded together (continuous batching). Each step admits waiting
+    jobs into free slots (the one whose cache shares the longest prefix with the prompt), drops
+    cancelled ones, fills one batch with a token per generating slot plus prompt chunks of new
+    ones (logits only where a token is sampled), decodes once, and samples each slot at its batch
+    index with the same sampler chain llama-cpp-python builds. It runs on the llama thread, one
+    step per task, so other work on that thread (a vision request) waits a step, not a request."""
+
+    def __init__(self, llm: ServedLlama, n_slots: int, worker: concurrent.futures.Executor) -> None:
+        self.llm, self.worker = llm, worker
+        self.n_ctx = llm.n_ctx()  # per slot: N_CTX keeps meaning one request's most tokens
+        params = llama_cpp.llama_context_params()
+        ctypes.pointer(params)[0] = llm.context_params  # the served context's settings (threads, flash attention)
+        params.n_ctx, params.n_seq_max = self.n_ctx * n_slots, n_slots
+        params.kv_unified = False  # each sequence its own n_ctx cells: prompts from different users share no prefix
+        self.n_batch = params.n_batch
+        # private: llama-cpp-python's wrappers own the native context and batch (freed with the model)
+        self.ctx = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.batch = llama_internals.LlamaBatch(n_tokens=max(self.n_batch, n_slots), embd=0, n_seq_max=1)
+        self.slots = [Slot(seq) for seq in range(n_slots)]
+        self._pending: collections.deque[SlotJob] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self.closed = False
+        self._eog = functools.partial(llama_cpp.llama_vocab_is_eog, llm._model.vocab)
+
+    def close(self) -> None:
+        """On the llama thread, at shutdown: steps still queued behind this one do nothing."""
+        self.closed = True
+        for slot in self.slots:
+            if slot.job is not None:
+                slot.job.out.put(None)
+                self._free(slot)
+        self.batch.close()
+        self.ctx.close()
+
+    def used_cells(self) -> float:
+        """The share of the KV cache the slots hold (cached prefixes included)."""
+        return sum(len(slot.cached) for slot in self.slots) / (self.n_ctx * len(self.slots))
+
+    def submit(self, job: SlotJob) -> None:
+        """From any thread: queue the job and make sure the engine steps."""
+        with self._lock:
+            self._pending.append(job)
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            self.worker.submit(self._run)
+
+    def _run(self) -> None:
+        """One step, then the next as a new task on the llama thread, until no work is left."""
+        if self.closed:
+            return
+        try:
+            self.step()
+        except BaseException as exc:  # nothing may stop the engine: fail the jobs, keep serving
+            log.error("slot engine step failed", exc_info=exc)
+            for slot in self.slots:
+                if slot.job is not None:
+                    slot.job.out.put(exc)
+                    self._free(slot, forget=True)
+        with self._lock:
+            if not self._pending and all(slot.job is None for slot in self.slots):
+                self._scheduled = False
+                return
+        with contextlib.suppress(RuntimeError):  # the worker is shut down: the server is stopping
+            self.worker.submit(self._run)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                free = [slot for slot in self.slots if slot.job is None]
+                if not free or not self._pending:
+                    return
+                job = self._pending.popleft()
+            if job.cancelled.is_set():
+                job.out.put(None)
+                continue
+            slot = max(free, key=lambda s: _common_prefix(s.cached, job.tokens))
+            keep = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # the last is evaluated again
+            self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
+            slot.cached, slot.todo, slot.job = job.tokens[:keep], job.tokens[keep:], job
+            self.llm._seed = job.seed  # private: _init_sampler seeds its dist sampler from it
+            processors = llama_cpp.LogitsProcessorList(job.sampling.pop("logits_processor", None) or [])
+            slot.sampler = self.llm._init_sampler(**job.sampling, logits_processor=processors or None)
+
+    def step(self) -> None:
+        self._admit()
+        batch = self.batch.batch
+        n, sample_at = 0, []
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled.is_set():
+                slot.job.out.put(None)
+                self._free(slot)
+        for slot in self.slots:  # generating slots: one token each
+            if slot.job is not None and not slot.todo:
+                self._add(batch, n, slot.last, len(slot.cached), slot.seq, True)
+                slot.cached.append(slot.last)
+                sample_at.append((slot, n))
+                n += 1
+        for slot in self.slots:  # new slots: their prompts, in chunks of what the batch has left
+            if slot.job is None or not slot.todo or n >= self.n_batch:
+                continue
+            chunk, slot.todo = slot.todo[:self.n_batch - n], slot.todo[self.n_batch - n:]
+            for i, token in enumerate(chunk):
+                last = not slot.todo and i == len(chunk) - 1
+                self._add(batch, n, token, len(slot.cached), slot.seq, last)
+                slot.cached.append(token)
+                if last:
+                    sample_at.append((slot, n))
+                n += 1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        self.ctx.decode(self.batch)  # ctypes lets go of the GIL: the event loop keeps serving
+        for slot, index in sample_at:
+            token = slot.sampler.sample(self.ctx, index)
+            self._accept(slot, token)
+
+    @staticmethod
+    def _add(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+
+    def _accept(self, slot: Slot, token: int) -> None:
+        job = slot.job
+        assert job is not None
+        job.sampled += 1
+        if self._eog(token):
+            job.eog = True
+            self._finish(slot, "stop")
+            return
+        if job.logprobs is not None:
+            job.entries.append(job.logprobs.entry(token))
+        job.completion += self.llm.tokenizer_.text_piece(token)
+        slot.last = token
+        if self._send(job):  # a stop string was found
+            self._finish(slot, "stop", stopped=True)
+        elif job.sampled >= job.max_tokens:  # the budget also ends the answer at the end of the slot's context
+            self._finish(slot, "length")
+
+    def _send(self, job: SlotJob) -> bool:
+        """Send what is safe of the new text: never half a character, never what may begin a stop
+        string. True when a stop string was found (the text is cut before it)."""
+        text = job.completion
+        for stop in job.stop:
+            at = text.find(stop, max(job.sent - len(stop) + 1, 0))
+            if at != -1:
+                del text[at:]
+                return True
+        end = len(text)
+        for stop in job.stop:  # hold back a tail that may be the start of a stop string
+            for size in range(min(len(stop) - 1, end - job.sent), 0, -1):
+                if text.endswith(stop[:size]):
+                    end = min(end, len(text) - size)
+                    break
+        end = _utf8_complete(text, job.sent, end)
+        if end > job.sent:
+            self._put(job, text[job.sent:end].decode("utf-8", "replace"), None)
+            job.sent = end
+        return False
+
+    def _finish(self, slot: Slot, reason: str, stopped: bool = False) -> None:
+        job = slot.job
+        assert job is not None
+        rest = job.completion[job.sent:].decode("utf-8", "replace")
+        if rest:  # its own chunk: llama-cpp-python's chat conversion drops the text of the last one
+            self._put(job, rest, None)
+        self._put(job, "", reason)
+        job.out.put(None)
+        self._free(slot)
+
+    def _put(self, job: SlotJob, text: str, finish: str | None) -> None:
+        chunk = {**job.head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+        entries, job.entries = job.entries, []
+        job.out.put((chunk, entries))
+
+    def _free(self, slot: Slot, forget: bool = False) -> None:
+        """The slot takes new work; its cache stays for a next prompt with the same beginning."""
+        if slot.sampler is not None:
+            slot.sampler.close()
+        slot.job, slot.sampler, slot.todo, slot.last = None, None, [], -1
+        if forget:  # after a failed decode nobody knows what the cache holds
+            self.ctx.kv_cache_seq_rm(slot.seq, 0, -1)
+            slot.cached = []
+
+    def completion(self, owner: SlotLlama, prompt: str | list[int], max_tokens: int | None = 16,
+                   temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+                   stop: str | list[str] | None = None, frequency_penalty: float = 0.0,
+                   presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
+                   seed: int | None = None, model: str | None = None, logits_processor: Any = None,
+                   grammar: Any = None, logit_bias: dict | None = None, **unused: Any) -> Iterator[dict]:
+        """create_completion(stream=True) for one request, on a slot: text_completion chunks."""
+        tokens = prompt_token_ids(self.llm, prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self.n_ctx}")
+        processors = list(logits_processor or [])
+        if logit_bias:
+            processors.append(_bias_processor(logit_bias))
+        budget = min(max_tokens if max_tokens and max_tokens > 0 else self.n_ctx, self.n_ctx - len(tokens))
+        stops = [stop] if isinstance(stop, str) else stop or []
+        sampling = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "typical_p": typical_p, "temp": temperature,
+                    "repeat_penalty": repeat_penalty, "frequency_penalty": frequency_penalty,
+                    "presence_penalty": presence_penalty, "grammar": grammar, "logits_processor": processors}
+        job = SlotJob(tokens, sampling, random.getrandbits(32) if seed is None else seed & 0xFFFFFFFF, budget,
+                      [s.encode("utf-8") for s in stops], owner.logprob_source,
+                      {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+                       "model": model or self.llm.model_path})
+        owner.prompt_tokens, owner.sampled_tokens, owner.eog = len(tokens), 0, False
+        self.submit(job)
+        try:
+            while (item := job.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, entries = item
+                owner.logprobs += entries
+                owner.sampled_tokens, owner.eog = job.sampled, job.eog
+                yield chunk
+            owner.sampled_tokens, owner.eog = job.sampled, job.eog
+        finally:
+            job.cancelled.set()  # closed early (the client left): the engine frees the slot next step
+
+
+def start_engine(llm: ServedLlama, settings: Settings, worker: concurrent.futures.Executor) -> SlotEngine | None:
+    """The slot engine for PARALLEL > 1 (None for 1), made on the llama thread; a KV cache that does
+    not fit is one clear startup error."""
+    if settings.parallel <= 1:
+        return None
+    try:
+        engine = worker.submit(SlotEngine, llm, settings.parallel, worker).result()
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot make room for PARALLEL={settings.parallel} slots of N_CTX={llm.n_ctx()} tokens "
+                          f"each ({exc}): lower PARALLEL or N_CTX") from None
+    log.info("%d slots of %d tokens each (one more llama.cpp context, %d KV cells)", settings.parallel,
+             engine.n_ctx, engine.n_ctx * settings.parallel)
+    return engine
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _utf8_complete(text: bytearray, start: int, end: int) -> int:
+    """`end`, moved back before a UTF-8 character whose bytes are not all there yet."""
+    for back in range(1, min(4, end - start) + 1):
+        byte = text[end - back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for the lead byte
+            continue
+        need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        return end - back if need > back else end
+    return end
+
+
+def _bias_processor(bias: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """logit_bias as llama-cpp-python applies it: added to the logits, after our logprobs look."""
+    ids = np.array([int(k) for k in bias], dtype=np.intc)
+    values = np.array([float(v) for v in bias.values()], dtype=np.single)
+
+    def apply(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores = np.array(scores)
+        scores[ids] += values
+        return scores
+
+    return apply
+
+
+class SlotLlama:
+    """What one request's Generation sees with PARALLEL > 1: the served Llama for everything (its
+    chat handler renders the template and calls create_completion on this object), except that
+    create_completion runs on a slot, and the token counts and logprobs are this request's own."""
+
+    def __init__(self, llm: ServedLlama, engine: SlotEngine) -> None:
+        self._llm, self._engine = llm, engine
+        self.chat_handler = llm.text_handler  # never a vision handler: those evaluate on the served context
+        self.prompt_tokens = self.sampled_tokens = 0
+        self.eog = False
+        self.token_budget: int | None = None
+        self.logprob_source: TokenLogprobs | None = None
+        self.logprobs: list[dict] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_chat_completion(self, **kwargs: Any) -> Any:
+        return llama_cpp.Llama.create_chat_completion(self, **kwargs)  # type: ignore[arg-type]
+
+    def create_completion(self, prompt: str | list[int], stream: bool = False, **kwargs: Any) -> Iterator[dict]:
+        assert stream, "the server always streams"
+        return self._engine.completion(self, prompt, **kwargs)
+
+    def take_logprobs(self) -> list[dict]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
+
+    def usage(self) -> dict[str, int]:
+        completion = self.sampled_tokens - int(self.eog)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
 
 
 ###############################################################################
@@ -3251,8 +3628,11 @@ async def chat_job(state: Any, req: ChatRequest) -> Job:
                                           state.check_native_grammar)
     kwargs = completion_kwargs(req, state.settings.model_name, grammar, info)
     output = chat_output(req, info, kwargs["messages"], state.fingerprint)
+    # Images are evaluated by the vision handler on the served context; a vision format other than
+    # the model's own template (mtmd) renders text differently from the template: both stay serial.
+    serial = req.images > 0 or (state.settings.vision and state.settings.chat_format != "mtmd")
     return Job(kwargs, output, req.n, STREAM_WAKE_INTERVAL if req.stream else math.inf,
-               state.settings.max_generation_seconds, req.top_logprobs)
+               state.settings.max_generation_seconds, req.top_logprobs, serial=serial)
 
 
 async def completions(request: Request) -> Response:
@@ -3349,6 +3729,9 @@ def start_generation(request: Request, job: Job) -> Generation:
     """With the gate held: start the job; from here its worker releases the gate when it stops."""
     state = request.app.state
     stats = request.state.stats = state.current = Stats()
+    if state.engine is not None and not job.serial:  # PARALLEL > 1: on a slot, from a request thread
+        return Generation(SlotLlama(state.llm, state.engine), job, state.gate.release, stats, state.request_threads,
+                          state.shutdown)
     return Generation(state.llm, job, state.gate.release, stats, state.worker, state.shutdown)
 
 
@@ -3440,7 +3823,8 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     gate = state.gate
     text = state.metrics.render(waiting=gate.waiting, running=int(gate.running),
-                                kv_cache=state.llm.n_tokens / max(state.llm.n_ctx(), 1),
+                                kv_cache=state.engine.used_cells() if state.engine is not None
+                                else state.llm.n_tokens / max(state.llm.n_ctx(), 1),
                                 draining=state.shutdown.draining)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -3473,24 +3857,28 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
-               worker: concurrent.futures.ThreadPoolExecutor | None = None) -> ASGIApp:
+               worker: concurrent.futures.ThreadPoolExecutor | None = None,
+               engine: SlotEngine | None = None) -> ASGIApp:
     """The ASGI app. Without settings it reads env vars and loads the model at startup.
 
-    A model passed in must have been loaded on `worker` (see `llama_thread`).
+    A model (and slot engine) passed in must have been made on `worker` (see `llama_thread`).
     """
     worker = worker or llama_thread()
     recorded = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nonlocal settings, llm
+        nonlocal settings, llm, engine
         if settings is None:  # `uvicorn llmapiserver:app`: env vars only
             settings = load_settings([])
             configure_logging(settings.log_level)
         if llm is None:
             llm = await asyncio.get_running_loop().run_in_executor(worker, load_model, settings)
-        app.state.settings, app.state.llm = settings, llm
-        app.state.gate, app.state.created = Gate(settings.max_queue), int(time.time())
+            engine = await asyncio.to_thread(start_engine, llm, settings, worker)
+        app.state.settings, app.state.llm, app.state.engine = settings, llm, engine
+        app.state.request_threads = concurrent.futures.ThreadPoolExecutor(settings.parallel,
+                                                                          thread_name_prefix="request")
+        app.state.gate, app.state.created = Gate(settings.max_queue, settings.parallel), int(time.time())
         app.state.worker = worker
         app.state.n_vocab = llm.n_vocab()
         app.state.fingerprint = system_fingerprint(settings)
@@ -3514,7 +3902,10 @@ def create_app(settings: Settings | None = None, llm: ServedLlama | None = None,
             yield
         finally:
             unloaded.set()
+            app.state.request_threads.shutdown(wait=False, cancel_futures=True)
             # Free llama.cpp's memory now (not in a __del__ at interpreter exit), on its own thread.
+            if engine is not None:
+                await asyncio.get_running_loop().run_in_executor(worker, engine.close)
             await asyncio.get_running_loop().run_in_executor(worker, llm.close)
             worker.shutdown(wait=True, cancel_futures=True)
             log.info("model unloaded")
@@ -3573,10 +3964,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         worker = llama_thread()
         llm = worker.submit(load_model, settings).result()  # before listening: a model that cannot load never serves
+        engine = start_engine(llm, settings, worker)
     except ConfigError as exc:
         print(f"llmapiserver: error: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(create_app(settings, llm, worker), host=settings.host, port=settings.port,
+    config = uvicorn.Config(create_app(settings, llm, worker, engine), host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False, log_config=None,  # our format
                             timeout_graceful_shutdown=settings.shutdown_grace + 2,
                             timeout_keep_alive=settings.keep_alive_timeout)

@@ -113,9 +113,14 @@ def model_path() -> str:
     return path
 
 
+#: LLMAPISERVER_TEST_PARALLEL=4 runs the whole suite's main server on the slot engine.
+PARALLEL = int(os.environ.get("LLMAPISERVER_TEST_PARALLEL", "1"))
+
+
 @pytest.fixture(scope="session")
 def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", str(N_CTX), "--max-queue", "8", "--flash-attn", "on"]
+    args = ["--api-keys", f"{KEY},second-key", "--n-ctx", str(N_CTX), "--max-queue", "8", "--flash-attn", "on",
+            "--parallel", str(PARALLEL)]
     with running_server(tmp_path_factory.mktemp("text"), args) as proc:
         yield proc
 
@@ -2452,3 +2457,173 @@ def test_a_response_stored_by_another_replica_is_a_404_saying_so(client: openai.
     assert "sticky" in info.value.body["message"] and info.value.body["param"] == "previous_response_id"
     own = client.responses.create(model="x", input="Hi", max_output_tokens=2)
     assert own.id.startswith("resp_") and client.responses.retrieve(own.id).id == own.id
+
+
+
+###############################################################################
+# Parallel slots (issue 12): PARALLEL=4 answers as PARALLEL=1 does
+###############################################################################
+
+
+@pytest.fixture(scope="session")
+def parallel_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = ["--api-keys", KEY, "--n-ctx", str(N_CTX), "--max-queue", "8", "--flash-attn", "on", "--parallel", "4"]
+    with running_server(tmp_path_factory.mktemp("parallel"), args) as proc:
+        yield proc
+
+
+def chat(proc: ServerProcess, **body) -> dict:
+    response = httpx.post(proc.base_url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def streamed(proc: ServerProcess, **body) -> tuple[str, str, dict, list[str]]:
+    """Text, finish_reason, usage and the pieces of a streamed chat answer."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+    return "".join(pieces), finish, chunks[-1]["usage"], pieces
+
+
+PARALLEL_CASES = [
+    pytest.param("Name three colours.", {"max_tokens": 24}, id="plain"),
+    pytest.param("Tell me a long story about a dragon.", {"max_tokens": 40, "stop": [" the dragon", "castle"]},
+                 id="stop-across-tokens"),
+    pytest.param("Write five emojis.", {"max_tokens": 30}, id="emoji-split-bytes"),
+    pytest.param("Translate 'good morning' into Chinese, Japanese and Russian.", {"max_tokens": 30}, id="cjk"),
+    pytest.param("Hi", {"max_tokens": 200}, id="natural-stop"),
+    pytest.param("Name a fruit.", {"max_tokens": 6, "logprobs": True, "top_logprobs": 3}, id="logprobs"),
+    pytest.param("Invent a person.", {"max_tokens": 60, "response_format": schema_format(
+        {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                          "age": {"type": "integer", "minimum": 1, "maximum": 99}},
+         "required": ["name", "age"]})}, id="json-schema"),
+    pytest.param("Tell me about cats.", {"max_tokens": 30, "temperature": 0.9, "seed": 5, "top_k": 20,
+                                         "presence_penalty": 0.5, "logit_bias": {"330": 5}}, id="seeded-sampling"),
+]
+
+
+@pytest.mark.parametrize("prompt, kwargs", PARALLEL_CASES)
+def test_parallel_answers_equal_serial_ones(server: ServerProcess, parallel_server: ServerProcess, prompt: str,
+                                            kwargs: dict) -> None:
+    body = {"messages": [{"role": "user", "content": prompt}], **GREEDY, **kwargs}
+    want, got = chat(server, **body), chat(parallel_server, **body)
+    assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+    text, finish, usage, pieces = streamed(parallel_server, **body)
+    assert (text, finish) == (want["choices"][0]["message"]["content"] or "", want["choices"][0]["finish_reason"])
+    assert usage == want["usage"]
+    assert not any("\ufffd" in piece for piece in pieces)  # never half a character in a chunk
+
+
+def test_four_requests_at_once_each_equal_its_answer_alone(server: ServerProcess,
+                                                           parallel_server: ServerProcess) -> None:
+    bodies = [{"messages": [{"role": "user", "content": prompt}], "max_tokens": 48, **GREEDY}
+              for prompt in ("Write a poem about rain.", "List five animals.", "Explain gravity briefly.",
+                             "Tell me a joke.")]
+    alone = [chat(server, **body) for body in bodies]
+    together = [in_thread(chat, parallel_server, **body) for body in bodies]
+    for (thread, out), want in zip(together, alone):
+        thread.join(120)
+        assert out[0]["choices"] == want["choices"] and out[0]["usage"] == want["usage"]
+
+
+def test_parallel_completions_and_responses_equal_serial_ones(server: ServerProcess,
+                                                              parallel_server: ServerProcess) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path, body in (("/v1/completions", {"prompt": "The sky is", "max_tokens": 12, "logprobs": 2, **GREEDY}),
+                       ("/v1/responses", {"input": "Say hello.", "max_output_tokens": 20, "temperature": 0})):
+        want = httpx.post(server.base_url + path, json=body, headers=headers, timeout=60).json()
+        got = httpx.post(parallel_server.base_url + path, json=body, headers=headers, timeout=60).json()
+        if path == "/v1/completions":
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+        else:
+            assert [o["content"] for o in got["output"]] == [o["content"] for o in want["output"]]
+
+
+def test_a_slot_ends_with_length_at_the_end_of_its_context(parallel_server: ServerProcess) -> None:
+    answer = chat(parallel_server, messages=[{"role": "user", "content": "Write a very long essay about ships."}],
+                  logit_bias=NO_EOS, **GREEDY)  # no max_tokens: only the slot's context ends it
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["total_tokens"] == N_CTX  # each slot has N_CTX tokens, as PARALLEL=1 has
+
+
+def test_cancelling_one_slot_leaves_the_others_unchanged(server: ServerProcess, parallel_server: ServerProcess) -> None:
+    bodies = [{"messages": [{"role": "user", "content": prompt}], "max_tokens": 60, **GREEDY}
+              for prompt in ("Describe the sea.", "Describe a forest.")]
+    alone = [chat(server, **body) for body in bodies]
+    others = [in_thread(chat, parallel_server, **body) for body in bodies]
+    leaving = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 400,
+               "logit_bias": NO_EOS, "stream": True, **GREEDY}
+    with httpx.stream("POST", parallel_server.base_url + "/v1/chat/completions", json=leaving, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    for (thread, out), want in zip(others, alone):
+        thread.join(120)
+        assert out[0]["choices"] == want["choices"]
+    assert completion_tokens_logged(parallel_server, request_id) < 100  # freed within a few steps
+    wait_for(lambda: scrape(parallel_server.base_url)["llmapiserver:requests_running"] == 0, 10)
+
+
+def test_parallel_queue_full_is_429(model_path: str, tmp_path: Path) -> None:
+    with running_server(tmp_path, ["--parallel", "2", "--max-queue", "1", "--n-ctx", "512"]) as proc:
+        body = {"messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 200,
+                "logit_bias": NO_EOS, **GREEDY}
+        runs = [in_thread(httpx.post, proc.base_url + "/v1/chat/completions", json=body, timeout=60)
+                for _ in range(3)]  # two slots and one waiting
+        wait_for(lambda: (m := scrape(proc.base_url))["llmapiserver:requests_running"] == 2
+                 and m["llmapiserver:requests_waiting"] == 1)
+        refused = httpx.post(proc.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        for thread, out in runs:
+            thread.join(60)
+            assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 200
+
+
+def test_parallel_shutdown_lets_running_streams_finish(model_path: str, tmp_path: Path) -> None:
+    proc = ServerProcess(["--parallel", "2", "--shutdown-grace", "20", "--n-ctx", "512"], {},
+                         tmp_path / "server.log").start()
+    other, out = in_thread(chat_stream_text, proc)
+    events = stream_then_signal(proc, signal.SIGTERM, max_tokens=60)
+    other.join(60)
+    assert events[-1] == "[DONE]" and len(events) > 60
+    assert out[0].endswith("[DONE]")
+    assert proc.process.wait(30) == 0
+    proc.log_file.close()
+    assert "Traceback" not in proc.log()
+
+
+def chat_stream_text(proc: ServerProcess) -> str:
+    body = {"messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 80, "logit_bias": NO_EOS,
+            "stream": True, **GREEDY}
+    with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        return "".join(response.iter_lines())
+
+
+def test_vision_request_beside_text_requests_on_parallel_slots(model_path: str, tmp_path: Path) -> None:
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj-tiny.gguf")
+    env = {"MODEL_TYPE": "VL", "MMPROJ_PATH": str(mmproj), "N_CTX": "512", "PARALLEL": "2"}
+    with running_server(tmp_path, env=env) as proc:
+        texts = [in_thread(httpx.post, proc.base_url + "/v1/chat/completions",
+                           json={**ask(max_tokens=30), "logit_bias": NO_EOS}, timeout=60) for _ in range(2)]
+        image = httpx.post(proc.base_url + "/v1/chat/completions", timeout=60, json={
+            "messages": image_message(data_url(png_bytes(32, 32))), "max_tokens": 5})
+        plain = httpx.post(proc.base_url + "/v1/chat/completions", json=ask(max_tokens=5), timeout=60).json()
+        assert image.status_code == 200
+        assert image.json()["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # the image's tokens
+        for thread, out in texts:
+            thread.join(60)
+            assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 30
+
+
+def test_a_kv_cache_that_does_not_fit_is_one_startup_line(model_path: str) -> None:
+    result = run_main("--parallel", "64", "--n-ctx", "131072", "--log-level", "error")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llmapiserver: error:")]
+    assert len(errors) == 1 and "PARALLEL=64" in errors[0] and "lower PARALLEL or N_CTX" in errors[0]
