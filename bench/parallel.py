@@ -126,16 +126,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n-ctx", type=int, default=2048, help="per request (per slot)")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--flash-attn", default="auto", help="auto, on or off, for every server (llama-server: its "
+                        "own auto unless on/off); on a CPU flash attention speeds short contexts and slows long ones")
     args = parser.parse_args()
     settings = las.load_settings(["--n-ctx", str(args.n_ctx), "--n-gpu-layers", str(args.n_gpu_layers)])
     vocab_llm = llama_cpp.Llama(model_path=settings.model_path, vocab_only=True, verbose=False)
     bias = {str(t): -100.0 for t in range(vocab_llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab_llm._model.vocab, t)}
     print(machine())
     print(f"model {Path(settings.model_path).name}, {settings.n_threads} threads, N_CTX {args.n_ctx} per request, "
-          f"{args.clients} clients x {args.requests} x {args.tokens} tokens, {args.turns} turns of {args.turn_tokens}")
+          f"{args.clients} clients x {args.requests} x {args.tokens} tokens, {args.turns} turns of {args.turn_tokens}, "
+          f"flash attention {args.flash_attn}")
 
     servers, procs = {}, []
-    common = ["--n-ctx", str(args.n_ctx), "--n-gpu-layers", str(args.n_gpu_layers), "--max-queue", "64"]
+    common = ["--n-ctx", str(args.n_ctx), "--n-gpu-layers", str(args.n_gpu_layers), "--max-queue", "64",
+              "--flash-attn", args.flash_attn]
     for name, parallel in ((f"server-p{args.parallel}", args.parallel), ("server-p1", 1)):
         port = free_port()
         procs.append(start([sys.executable, str(ROOT / "llmapiserver.py"), "--port", str(port), "--parallel",
@@ -148,7 +152,7 @@ def main() -> None:
                             "127.0.0.1", "--ctx-size", str(args.n_ctx * args.parallel), "--parallel",
                             str(args.parallel), "--threads", str(settings.n_threads), "--threads-batch",
                             str(settings.n_threads), "--batch-size", str(settings.n_batch), "--n-gpu-layers",
-                            layers, "--no-webui"], {}, port))
+                            layers, "--no-webui", "--flash-attn", args.flash_attn], {}, port))
         servers[f"llama-server-np{args.parallel}"] = f"http://127.0.0.1:{port}/v1/chat/completions"
 
     results: dict[tuple[str, str], list[dict]] = {}
