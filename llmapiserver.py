@@ -3639,7 +3639,12 @@ async def completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_completion_request(body, state.n_vocab)
-    kwargs = {"prompt": req.prompt, "model": state.settings.model_name, **req.params}
+    prompt = req.prompt
+    if prompt == "":  # generate from the start: llama.cpp needs one token to begin from
+        if state.llm.token_bos() == -1:
+            raise _bad("'prompt' must not be empty: this model has no beginning-of-text token", "prompt")
+        prompt = [state.llm.token_bos()]
+    kwargs = {"prompt": prompt, "model": state.settings.model_name, **req.params}
     job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), req.n,
               STREAM_WAKE_INTERVAL if req.stream else math.inf, state.settings.max_generation_seconds,
               req.top_logprobs, text=True)

@@ -1214,6 +1214,45 @@ def test_hostile_bodies_get_200_or_an_openai_4xx(http: httpx.Client, body) -> No
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+#: For each other API: a valid short body and the fields to replace with something odd.
+OTHER_APIS = {
+    "/v1/completions": ({"prompt": "Hi", "max_tokens": 1},
+                        ["prompt", "echo", "logprobs", "suffix", "best_of", "n", "stop", "stream", "stream_options",
+                         "temperature", "logit_bias", "max_tokens"]),
+    "/v1/responses": ({"input": "Hi", "max_output_tokens": 1},
+                      ["input", "instructions", "tools", "tool_choice", "text", "previous_response_id", "store",
+                       "top_logprobs", "stream", "temperature", "metadata", "max_output_tokens"]),
+}
+INPUT_ITEMS = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["message", "function_call", "function_call_output",
+                                                                      "reasoning", "other"]) | ODD}, optional={
+    "role": st.sampled_from(["user", "assistant", "system", "developer"]) | ODD, "content": ODD, "call_id": ODD,
+    "name": ODD, "arguments": ODD, "output": ODD}), max_size=3)
+
+
+@st.composite
+def near_valid_other_body(draw) -> tuple[str, dict]:
+    path = draw(st.sampled_from(sorted(OTHER_APIS)))
+    body, fields = OTHER_APIS[path]
+    body = dict(body)
+    field = draw(st.sampled_from(fields))
+    body[field] = draw(INPUT_ITEMS if field == "input" and draw(st.booleans()) else ODD)
+    if field in ("max_tokens", "max_output_tokens") and isinstance(body[field], int) and body[field] > 1:
+        body[field] = -1
+    if field == "n" and isinstance(body[field], int) and body[field] > 1:
+        body[field] = 2
+    return path, body
+
+
+@hsettings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=near_valid_other_body())
+def test_hostile_completions_and_responses_bodies_get_200_or_an_openai_4xx(http: httpx.Client, case) -> None:
+    path, body = case
+    response = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_server_is_healthy_after_the_hostile_bodies(server: ServerProcess, client: openai.OpenAI) -> None:
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert client.chat.completions.create(model="x", messages=USER, max_tokens=2).choices
