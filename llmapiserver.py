@@ -1196,28 +1196,41 @@ def integer_range(low: int | None, high: int | None) -> str:
     return "(" + " | ".join(parts) + ") space"
 
 
-def number_range(low: int | None, high: int | None) -> str:
-    """GBNF for a JSON number (no exponent) in [low, high], bounds whole numbers: the integral part
-    decides, and at a bound only zeros may follow the point."""
-    fraction, zeros = '("." [0-9]{1,16})?', '("." "0"{1,16})?'
+def number_range(low: int | None, high: int | None, low_open: bool = False, high_open: bool = False) -> str:
+    """GBNF for a JSON number (no exponent) between whole-number bounds, each inclusive or open
+    (`_open`: exclusiveMinimum / exclusiveMaximum). The integral part decides; at a bound only
+    zeros (inclusive) or a fraction with a non-zero last digit (open, from below) may follow."""
+    fraction, zeros, nonzero = '("." [0-9]{1,16})?', '("." "0"{1,16})?', '"." [0-9]{0,15} [1-9]'
 
-    def magnitudes(low: int, high: int | None) -> str:  # |x| in [low, high]
-        if high is None:
-            return f"{digits_range(low, None)} {fraction}"
-        below = f"{digits_range(low, high - 1)} {fraction} | " if high > low else ""
-        return f'({below}"{high}" {zeros})'
+    def magnitudes(a: int, a_open: bool, b: int | None, b_open: bool) -> str | None:  # |x| between a and b
+        alternatives = []
+        first = a + 1 if a_open else a
+        if b is None:
+            alternatives.append(f"{digits_range(first, None)} {fraction}")
+        elif first <= b - 1:
+            alternatives.append(f"{digits_range(first, b - 1)} {fraction}")
+        if a_open and (b is None or a < b):
+            alternatives.append(f'"{a}" {nonzero}')
+        if b is not None and not b_open and (a < b or (a == b and not a_open)):
+            alternatives.append(f'"{b}" {zeros}')
+        return "(" + " | ".join(alternatives) + ")" if alternatives else None
 
     parts = []
-    if high is None or high >= 0:
-        parts.append(magnitudes(max(low or 0, 0), high))
-    if low is None or low < 0:
-        parts.append('"-" ' + magnitudes(-high if high is not None and high < 0 else 0, None if low is None else -low))
-    return "(" + " | ".join(parts) + ") space"
+    if high is None or high > 0 or (high == 0 and not high_open):  # x >= 0
+        from_zero = low is None or low < 0
+        parts.append(magnitudes(0 if from_zero else low, False if from_zero else low_open, high, high_open))
+    if low is None or low < 0:  # x <= 0, as "-" and its magnitude
+        near = -high if high is not None and high <= 0 else 0
+        near_open = high_open if high is not None and high <= 0 else False
+        magnitude = magnitudes(near, near_open, None if low is None else -low, low_open)
+        parts.append(f'"-" {magnitude}' if magnitude else None)
+    return "(" + " | ".join(part for part in parts if part) + ") space"
 
 
-def numeric_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
-    """A number or integer schema's inclusive whole-number bounds, or a GrammarError for bounds a
-    grammar cannot state (a fractional bound on a number, an exclusive bound on a number)."""
+def numeric_bounds(schema: dict, where: str) -> tuple[int | None, int | None, bool, bool]:
+    """A number or integer schema's whole-number bounds (low, high, low_open, high_open; an
+    integer's are always closed), or a GrammarError for what a grammar cannot state here: a
+    fractional bound on a number."""
     integer = schema.get("type") == "integer"
     low, high = schema.get("minimum"), schema.get("maximum")
     ex_low, ex_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
@@ -1228,29 +1241,63 @@ def numeric_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
     for name, value in (("minimum", low), ("maximum", high), ("exclusiveMinimum", ex_low),
                         ("exclusiveMaximum", ex_high)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                           or not math.isfinite(value) or abs(value) >= 10 ** MAX_INT_DIGITS):
+                                  or not math.isfinite(value) or abs(value) >= 10 ** MAX_INT_DIGITS):
             raise GrammarError(f"'{name}' at {where} must be a number of at most {MAX_INT_DIGITS} digits")
-    if not integer:
-        for name, value in (("minimum", low), ("maximum", high)):
-            if value is not None and value != int(value):
-                raise GrammarError(f"'{name}': {value} at {where}: a grammar can bound a number by whole "
-                                   "numbers only; use a whole bound or type integer")
-        if ex_low is not None or ex_high is not None:
-            raise GrammarError(f"'exclusiveMinimum'/'exclusiveMaximum' at {where}: a grammar cannot bound a "
-                               "number exclusively; use minimum/maximum")
-    bounds_low = [math.ceil(low)] if low is not None else []
-    bounds_high = [math.floor(high)] if high is not None else []
-    if ex_low is not None:
-        bounds_low.append(math.floor(ex_low) + 1)
-    if ex_high is not None:
-        bounds_high.append(math.ceil(ex_high) - 1)
-    result = (max(bounds_low) if bounds_low else None, min(bounds_high) if bounds_high else None)
-    if None not in result and result[0] > result[1]:
+        if value is not None and not integer and value != int(value):
+            raise GrammarError(f"'{name}': {value} at {where}: a grammar can bound a number by whole numbers "
+                               "only; use a whole bound or type integer")
+    if integer:  # open bounds become closed ones: x > 2.5 is x >= 3
+        lows = ([math.ceil(low)] if low is not None else []) + ([math.floor(ex_low) + 1] if ex_low is not None else [])
+        highs = ([math.floor(high)] if high is not None else []) + ([math.ceil(ex_high) - 1] if ex_high is not None
+                                                                    else [])
+        result = (max(lows) if lows else None, min(highs) if highs else None, False, False)
+    else:  # the stricter of each pair; at an equal value the open one
+        lows = [(int(v), open_) for v, open_ in ((low, False), (ex_low, True)) if v is not None]
+        highs = [(int(v), open_) for v, open_ in ((high, False), (ex_high, True)) if v is not None]
+        low_bound = max(lows, key=lambda b: (b[0], b[1])) if lows else (None, False)
+        high_bound = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
+        result = (low_bound[0], high_bound[0], low_bound[1], high_bound[1])
+    low_value, high_value, low_open, high_open = result
+    if low_value is not None and high_value is not None and (
+            low_value > high_value or (low_value == high_value and (low_open or high_open))):
         raise GrammarError(f"the bounds at {where} leave no {'integer' if integer else 'number'}: nothing can match")
     return result
 
 
 NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+_LABEL = '[a-zA-Z0-9] [a-zA-Z0-9-]{0,30}'
+_DOMAIN = f'{_LABEL} ("." {_LABEL}){{0,3}} "." [a-zA-Z]{{2,12}}'
+_BYTE = "(" + " | ".join(_same_length_range("0", "9") + _same_length_range("10", "99")
+                         + _same_length_range("100", "255")) + ")"
+#: Formats llama-cpp-python's converter has no grammar for: grammars for a plain subset of each (a
+#: web address, not every RFC 3986 URI), so every answer is valid; (content, shortest, longest)
+#: without quotes. A uri's path takes what a maxLength leaves ({N} below).
+FORMAT_GRAMMARS = {
+    "email": (f'[a-zA-Z0-9_%+-] ([a-zA-Z0-9._%+-]{{0,62}} [a-zA-Z0-9_%+-])? "@" {_DOMAIN}', 6, 237),
+    "hostname": (_DOMAIN, 4, 172),
+    "ipv4": (f'{_BYTE} "." {_BYTE} "." {_BYTE} "." {_BYTE}', 7, 15),
+    "uri": (f'"http" "s"? "://" {_DOMAIN} ("/" [a-zA-Z0-9._~%!$&()*+,;=:@/?#-]{{0,{{N}}}})?', 11, 181),
+}
+FORMAT_GRAMMARS["url"] = FORMAT_GRAMMARS["uri"]
+
+
+def format_grammar(fmt: str, min_length: int | None, max_length: int | None, where: str) -> str:
+    """GBNF for a JSON string of a format in FORMAT_GRAMMARS within the length bounds."""
+    content, shortest, longest = FORMAT_GRAMMARS[fmt]
+    if min_length is not None and min_length > shortest:
+        raise GrammarError(f"'minLength': {min_length} with 'format': '{fmt}' at {where} cannot be enforced; "
+                           f"remove it (the format's grammar is at least {shortest} characters)")
+    path = None if max_length is None else max_length - longest
+    if "{N}" in content:
+        if path is not None and path < 0:
+            raise GrammarError(f"'maxLength': {max_length} with 'format': '{fmt}' at {where} is too small for its "
+                               f"grammar (up to {longest} characters before the path); remove it or raise it")
+        content = content.replace("{0,{N}}", "*" if path is None else f"{{0,{min(path, MAX_REPEAT)}}}")
+    elif max_length is not None and max_length < longest:
+        raise GrammarError(f"'maxLength': {max_length} with 'format': '{fmt}' at {where} cannot be enforced; "
+                           f"remove it (the format's grammar reaches {longest} characters)")
+    return f'"\\"" {content} "\\"" space'
 
 
 class BoundedSchemaConverter(llama_grammar.SchemaConverter):
@@ -1261,10 +1308,15 @@ class BoundedSchemaConverter(llama_grammar.SchemaConverter):
         kind = schema.get("type")
         if kind in ("integer", "number") and any(key in schema for key in NUMERIC_BOUNDS) \
                 and not any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
-            low, high = numeric_bounds(schema, name or "the top level")
+            low, high, low_open, high_open = numeric_bounds(schema, name or "the top level")
             rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
-            rule = integer_range(low, high) if kind == "integer" else number_range(low, high)
+            rule = integer_range(low, high) if kind == "integer" else number_range(low, high, low_open, high_open)
             return self._add_rule(rule_name, rule)
+        if kind in (None, "string") and schema.get("format") in FORMAT_GRAMMARS and "pattern" not in schema \
+                and not any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
+            rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, format_grammar(schema["format"], schema.get("minLength"),
+                                                            schema.get("maxLength"), name or "the top level"))
         return super().visit(schema, name)
 
 
@@ -1302,7 +1354,8 @@ UNENFORCED_KEYWORDS = ("multipleOf", "not", "if", "then", "else", "contains", "m
                        "dependencies", "minProperties", "maxProperties", "unevaluatedProperties",
                        "unevaluatedItems")
 #: String formats the converter writes a grammar for.
-GRAMMAR_FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")
+GRAMMAR_FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5", "email", "uri",
+                   "url", "hostname", "ipv4")
 
 
 def _check_schema_keywords(schema: dict, where: str) -> None:
@@ -1318,7 +1371,9 @@ def _check_schema_keywords(schema: dict, where: str) -> None:
         raise GrammarError(f"'format': {str(fmt)[:40]!r} at {where} cannot be enforced by a grammar; formats "
                            f"enforced: {', '.join(GRAMMAR_FORMATS)}")
     string_rules = [key for key in ("pattern", "format", "minLength", "maxLength") if key in schema]
-    if ("pattern" in schema or "format" in schema) and len(string_rules) > 1:
+    if fmt in FORMAT_GRAMMARS and "pattern" not in schema:
+        format_grammar(fmt, schema.get("minLength"), schema.get("maxLength"), where)  # lengths checked there
+    elif ("pattern" in schema or "format" in schema) and len(string_rules) > 1:
         raise GrammarError(f"{' and '.join(string_rules)} at {where} cannot be enforced together; "
                            "keep one (a pattern can bound the length)")
     bounds = [key for key in NUMERIC_BOUNDS if key in schema]
@@ -1341,13 +1396,17 @@ def _check_schema_bounds(schema: Any, path: str) -> None:
     if not isinstance(schema, dict):
         return
     where = path or "the top level"
-    _check_schema_keywords(schema, where)
     for keyword in BOUND_KEYWORDS:
         value = schema.get(keyword)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise GrammarError(f"'{keyword}' at {where} must be a non-negative integer")
+    _check_schema_keywords(schema, where)
+    # A format with a grammar of its own takes its lengths as bounds on that grammar (format_grammar).
+    by_format = schema.get("format") in FORMAT_GRAMMARS and "pattern" not in schema
+    for keyword in BOUND_KEYWORDS:
+        value = schema.get(keyword)
+        if value is None or (by_format and keyword in ("minLength", "maxLength")):
+            continue
         if value > MAX_REPEAT:
             raise GrammarError(f"'{keyword}': {value} at {where} is too large: a grammar can enforce "
                                f"at most {MAX_REPEAT}")

@@ -2292,6 +2292,11 @@ BOUNDED = [
     pytest.param({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}, id="pattern"),
     pytest.param({"anyOf": [{"type": "integer", "minimum": 5, "maximum": 6}, {"type": "null"}]}, id="any-of"),
     pytest.param({"$ref": "#/$defs/small", "$defs": {"small": {"type": "integer", "maximum": -900}}}, id="ref"),
+    pytest.param({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}, id="number-open-0-1"),
+    pytest.param({"type": "number", "exclusiveMinimum": 0}, id="number-positive"),
+    pytest.param({"type": "string", "format": "email"}, id="email"),
+    pytest.param({"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}, id="http-url"),
+    pytest.param({"type": "string", "format": "ipv4"}, id="ipv4"),
 ]
 
 
@@ -2308,16 +2313,18 @@ def test_what_a_schema_states_holds_in_every_answer(http: httpx.Client, prop: di
                 "response_format": schema_format(schema), "temperature": 1.5, "seed": seed, "max_tokens": 60}
         answer = http.post("/v1/chat/completions", json=body).json()
         if answer["choices"][0]["finish_reason"] == "stop":
-            jsonschema.validate(json.loads(answer["choices"][0]["message"]["content"]), schema)
+            value = json.loads(answer["choices"][0]["message"]["content"])
+            jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
 
 
 UNENFORCEABLE = [
     pytest.param({"type": "integer", "multipleOf": 5}, "multipleOf", id="multipleOf"),
     pytest.param({"type": "number", "minimum": 0.5}, "minimum", id="fractional-number-bound"),
-    pytest.param({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum", id="exclusive-number-bound"),
+    pytest.param({"type": "number", "exclusiveMinimum": 0.5}, "exclusiveMinimum", id="fractional-open-bound"),
+    pytest.param({"type": "string", "format": "email", "maxLength": 20}, "maxLength", id="email-short-max"),
     pytest.param({"type": ["integer", "null"], "maximum": 3}, "maximum", id="bound-on-a-type-list"),
     pytest.param({"minimum": 3}, "minimum", id="bound-without-type"),
-    pytest.param({"type": "string", "format": "email"}, "format", id="format-email"),
+    pytest.param({"type": "string", "format": "duration"}, "format", id="format-duration"),
     pytest.param({"type": "string", "pattern": "^a+$", "maxLength": 3}, "pattern", id="pattern-with-length"),
     pytest.param({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems", id="unique"),
     pytest.param({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "patternProperties",
@@ -2350,14 +2357,25 @@ def test_integer_and_number_ranges_match_exactly_their_values(low: int | None, h
         gbnf = re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), gbnf.replace(" space", ""))
         return re.compile(gbnf.replace(" ", ""))
 
-    integers, numbers = regex(las.integer_range(low, high)), regex(las.number_range(low, high))
-    inside = lambda v: (low is None or v >= low) and (high is None or v <= high)  # noqa: E731
+    integers = regex(las.integer_range(low, high))
+    inside = lambda v, low_open=False, high_open=False: (  # noqa: E731
+        (low is None or (v > low if low_open else v >= low)) and (high is None or (v < high if high_open else v <= high)))
     for value in range(-1300, 1300):
         assert bool(integers.fullmatch(str(value))) == inside(value), value
-        for text in (str(value), f"{value}.5", f"{value}.0", f"{value}.25"):
-            if not (value == 0 and text.startswith("0.") is False and text.startswith("-")):
-                assert bool(numbers.fullmatch(text)) == inside(float(text)), text
     assert not integers.fullmatch("007") and not integers.fullmatch("1.5")
+    for low_open, high_open in ((False, False), (True, False), (False, True), (True, True)):
+        if (low_open and low is None) or (high_open and high is None) or (low == high and (low_open or high_open)):
+            continue
+        numbers = regex(las.number_range(low, high, low_open, high_open))
+        for value in range(-1300, 1300):
+            for text in (str(value), f"{value}.5", f"{value}.0", f"{value}.25", f"{value}.001"):
+                if text.startswith("-0") or text == "0":  # "-0.5" is negative, "-0" is zero: checked below
+                    continue
+                assert bool(numbers.fullmatch(text)) == inside(float(text), low_open, high_open), (text, low_open,
+                                                                                                  high_open)
+        for text in ("-0.5", "-0.25", "0.5", "0", "-0"):
+            if numbers.fullmatch(text):
+                assert inside(float(text), low_open, high_open), text
 
 
 ###############################################################################
