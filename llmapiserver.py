@@ -488,7 +488,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
 class TextRequest:
     """A validated /v1/completions request: a raw prompt, no chat template."""
 
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # choice i answers prompts[i // n]
     params: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
@@ -505,7 +505,7 @@ def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequ
     """Check a decoded /v1/completions body; the sampling fields are chat's."""
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object", None, "invalid_type")
-    prompt = _validate_prompt(body.get("prompt"), n_vocab)
+    prompts = _validate_prompts(body.get("prompt"), n_vocab)
     if body.get("suffix") not in (None, ""):
         raise _bad("'suffix' (fill in the middle) is not supported by this server", "suffix", "unsupported")
     if _number(body, "best_of", 1, MAX_CHOICES, integer=True) not in (None, 1):
@@ -515,29 +515,38 @@ def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequ
     params = _sampling_params({key: value for key, value in body.items() if key != "logprobs"}, n_vocab)
     params.setdefault("max_tokens", TEXT_MAX_TOKENS)
     stream = _flag(body, "stream")
-    req = TextRequest(prompt, params, stream, _include_usage(body, stream), params.pop("n", 1),
+    req = TextRequest(prompts, params, stream, _include_usage(body, stream), params.pop("n", 1),
                       _flag(body, "echo"), _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True))
+    if len(prompts) * req.n > MAX_TEXT_CHOICES:
+        raise _bad(f"{len(prompts)} prompts x n={req.n} is more than the {MAX_TEXT_CHOICES} answers one request may ask "
+                   "for (they are generated one after another); split the batch", "prompt")
     if req.echo and req.top_logprobs is not None:
         raise _bad("'echo' with 'logprobs' would score the prompt, which this server does not do; "
                    "ask for one of them", "echo", "unsupported")
     return req
 
 
-def _validate_prompt(prompt: Any, n_vocab: int) -> str | list[int]:
-    """A string, a list of token ids, or a list holding one of those (a batch of one)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return _check_utf8(prompt, "prompt")
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        if not all(0 <= t < n_vocab for t in prompt):
-            raise _bad(f"'prompt' holds token ids outside this model's vocabulary (0..{n_vocab - 1})", "prompt")
-        return prompt
+#: /v1/completions answers (prompts x n) one request may ask for: each is generated in turn.
+MAX_TEXT_CHOICES = 32
+
+
+def _validate_prompts(prompt: Any, n_vocab: int) -> list[str | list[int]]:
+    """A string, a list of token ids, or a batch: a list of those (as LangChain's OpenAI sends)."""
     if prompt is None:
         raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise _bad("'prompt' may hold one prompt; send one request per prompt", "prompt", "unsupported")
-    raise _bad("'prompt' must be a string or a list of token ids", "prompt", "invalid_type")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [_validate_prompt(p, n_vocab, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [_validate_prompt(prompt, n_vocab, "prompt")]
+
+
+def _validate_prompt(prompt: Any, n_vocab: int, where: str) -> str | list[int]:
+    if isinstance(prompt, str):
+        return _check_utf8(prompt, where)
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if not all(0 <= t < n_vocab for t in prompt):
+            raise _bad(f"'{where}' holds token ids outside this model's vocabulary (0..{n_vocab - 1})", where)
+        return prompt
+    raise _bad(f"'{where}' must be a string or a list of token ids", where, "invalid_type")
 
 
 #: Responses API fields that become chat fields of the same meaning.
@@ -2492,12 +2501,14 @@ def _finish_chunk(last: dict, reason: str) -> dict:
     return {**last, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]}
 
 
-def _add_usage(total: dict | None, more: dict) -> dict:
-    """n choices share one prompt: it is counted once, their completions added up."""
+def _add_usage(total: dict | None, more: dict, new_prompt: bool = False) -> dict:
+    """n choices share one prompt: it is counted once (again for each prompt of a batch), their
+    completions added up."""
     if total is None:
         return more
+    prompt = total["prompt_tokens"] + (more["prompt_tokens"] if new_prompt else 0)
     completion = total["completion_tokens"] + more["completion_tokens"]
-    return {**total, "completion_tokens": completion, "total_tokens": total["prompt_tokens"] + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 @dataclass
@@ -2511,6 +2522,7 @@ class Job:
     time_limit: float = 0.0  # MAX_GENERATION_SECONDS; 0: none
     top_logprobs: int | None = None  # logprobs with this many alternatives; None: none
     text: bool = False  # a raw prompt (/v1/completions): no chat template
+    prompts: list = field(default_factory=list)  # a text job's prompts: choice i answers prompts[i * len // choices]
     serial: bool = False  # on the served context even with PARALLEL > 1 (images: the vision handler evaluates them there)
 
 
@@ -2579,7 +2591,8 @@ class Generation:
                         if chunk["choices"][0]["delta"].get("content"):  # the first token goes out at once
                             next_wake = now + job.wake_interval
                 chunks.close()
-                self.stats.usage = _add_usage(self.stats.usage, self._llm.usage())
+                new_prompt = bool(job.prompts) and index * len(job.prompts) % job.choices == 0
+                self.stats.usage = _add_usage(self.stats.usage, self._llm.usage(), new_prompt)
                 if self._cancelled.is_set():
                     break
             self._ready.append(_END)
@@ -2597,6 +2610,8 @@ class Generation:
         """The raw chunks of choice `index`, as chat chunks whatever the job."""
         job, llm = self._job, self._llm
         kwargs = job.kwargs
+        if job.prompts:
+            kwargs = {**kwargs, "prompt": job.prompts[index * len(job.prompts) // job.choices]}
         if index and kwargs.get("seed") is not None:
             kwargs = {**kwargs, "seed": (kwargs["seed"] + index) & 0xFFFFFFFF}
         llm.token_budget = kwargs.get("max_tokens")
@@ -3144,10 +3159,14 @@ class TextAPI(ChatAPI):
 
     object = "text_completion"
 
-    def __init__(self, include_usage: bool, echo: str | None) -> None:
+    def __init__(self, include_usage: bool, echoes: list[str] | None = None, n: int = 1) -> None:
         super().__init__(include_usage)
-        self._echo = echo or ""
+        self._echoes, self._n = echoes, n
         self._offsets: dict[int, int] = {}  # per choice: where the next token starts in its text
+
+    def _echo(self, index: int) -> str:
+        """The prompt choice `index` answers, if echo was asked for."""
+        return self._echoes[index // self._n] if self._echoes else ""
 
     def frames(self, chunks: list[dict]) -> bytes:
         self._note_head(chunks)
@@ -3157,7 +3176,8 @@ class TextAPI(ChatAPI):
         choice = chunk["choices"][0]
         index, text = choice["index"], choice["delta"].get("content") or ""
         if index not in self._offsets:
-            text, self._offsets[index] = self._echo + text, len(self._echo)
+            echo = self._echo(index)
+            text, self._offsets[index] = echo + text, len(echo)
         entries = (choice.get("logprobs") or {}).get("content") or []
         logprobs, self._offsets[index] = legacy_logprobs(entries, self._offsets[index])
         return {**self._head, "object": self.object, "choices": [
@@ -3169,8 +3189,9 @@ class TextAPI(ChatAPI):
         choices = []
         for choice in completion["choices"]:
             entries = (choice["logprobs"] or {}).get("content")
-            choices.append({"text": self._echo + choice["message"]["content"], "index": choice["index"],
-                            "logprobs": legacy_logprobs(entries, len(self._echo))[0] if entries else None,
+            echo = self._echo(choice["index"])
+            choices.append({"text": echo + choice["message"]["content"], "index": choice["index"],
+                            "logprobs": legacy_logprobs(entries, len(echo))[0] if entries else None,
                             "finish_reason": choice["finish_reason"]})
         return {**completion, "object": self.object, "choices": choices}
 
@@ -3698,20 +3719,25 @@ async def completions(request: Request) -> Response:
     state = request.app.state
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     req = validate_completion_request(body, state.n_vocab)
-    prompt = req.prompt
-    if prompt == "":  # generate from the start: llama.cpp needs one token to begin from
-        if state.llm.token_bos() == -1:
-            raise _bad("'prompt' must not be empty: this model has no beginning-of-text token", "prompt")
-        prompt = [state.llm.token_bos()]
-    kwargs = {"prompt": prompt, "model": state.settings.model_name, **req.params}
-    job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), req.n,
+    prompts = [start_prompt(state.llm, prompt) for prompt in req.prompts]
+    kwargs = {"model": state.settings.model_name, **req.params}
+    job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), len(prompts) * req.n,
               STREAM_WAKE_INTERVAL if req.stream else math.inf, state.settings.max_generation_seconds,
-              req.top_logprobs, text=True)
-    echo = None
+              req.top_logprobs, text=True, prompts=prompts)
+    echoes = None
     if req.echo:
-        echo = req.prompt if isinstance(req.prompt, str) else \
-            state.llm.detokenize(req.prompt).decode("utf-8", "replace")
-    return await answer(request, job, TextAPI(req.include_usage, echo), req.stream)
+        echoes = [prompt if isinstance(prompt, str) else state.llm.detokenize(prompt).decode("utf-8", "replace")
+                  for prompt in req.prompts]
+    return await answer(request, job, TextAPI(req.include_usage, echoes, req.n), req.stream)
+
+
+def start_prompt(llm: ServedLlama, prompt: str | list[int]) -> str | list[int]:
+    """An empty prompt generates from the start: llama.cpp needs one token to begin from."""
+    if prompt != "":
+        return prompt
+    if llm.token_bos() == -1:
+        raise _bad("'prompt' must not be empty: this model has no beginning-of-text token", "prompt")
+    return [llm.token_bos()]
 
 
 async def responses(request: Request) -> Response:

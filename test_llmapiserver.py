@@ -2123,10 +2123,24 @@ def test_completions_n_choices(client: openai.OpenAI) -> None:
     assert answer.usage.completion_tokens == 15
 
 
+def test_completions_take_a_batch_of_prompts(client: openai.OpenAI) -> None:
+    """LangChain's OpenAI class sends several prompts in one request; choice i answers prompt i // n."""
+    prompts = ["The sky is", "My favourite food is"]
+    batch = client.completions.create(model="x", prompt=prompts, n=2, max_tokens=5, echo=True, **GREEDY)
+    alone = [client.completions.create(model="x", prompt=p, max_tokens=5, echo=True, **GREEDY) for p in prompts]
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices[::2]] == [a.choices[0].text for a in alone]
+    assert all(c.text.startswith(prompts[c.index // 2]) for c in batch.choices)
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)  # each prompt counted once
+    assert batch.usage.completion_tokens == sum(c.usage.completion_tokens for c in alone) * 2
+
+
 BAD_COMPLETIONS = [
     pytest.param({}, "prompt", id="prompt-missing"),
     pytest.param({"prompt": 5}, "prompt", id="prompt-number"),
-    pytest.param({"prompt": ["a", "b"]}, "prompt", id="prompt-batch"),
+    pytest.param({"prompt": ["a"] * 9, "n": 4}, "prompt", id="prompt-batch-too-large"),
+    pytest.param({"prompt": ["a", 5]}, "prompt", id="prompt-batch-mixed"),
+    pytest.param({"prompt": ["a", []]}, "prompt[1]", id="prompt-batch-empty-tokens"),
     pytest.param({"prompt": [1, -1]}, "prompt", id="prompt-token-negative"),
     pytest.param({"prompt": [99999999]}, "prompt", id="prompt-token-outside-vocab"),
     pytest.param({"prompt": "x", "suffix": "y"}, "suffix", id="suffix"),
