@@ -512,17 +512,18 @@ def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequ
         raise _bad("'best_of' above 1 is not supported; use 'n' for several choices", "best_of", "unsupported")
     if body.get("top_logprobs") is not None:
         raise _bad("/v1/completions takes 'logprobs' (an integer), not 'top_logprobs'", "top_logprobs")
-    params = _sampling_params({key: value for key, value in body.items() if key != "logprobs"}, n_vocab)
-    params.setdefault("max_tokens", TEXT_MAX_TOKENS)
+    scoring = type(body.get("max_tokens")) is int and body["max_tokens"] == 0  # echo only: score the prompt
+    if scoring and not _flag(body, "echo"):
+        raise _bad("'max_tokens': 0 asks for no answer: only with 'echo' (to score the prompt)", "max_tokens")
+    params = _sampling_params({key: value for key, value in body.items()
+                               if key != "logprobs" and not (scoring and key == "max_tokens")}, n_vocab)
+    params["max_tokens"] = 0 if scoring else params.get("max_tokens", TEXT_MAX_TOKENS)
     stream = _flag(body, "stream")
     req = TextRequest(prompts, params, stream, _include_usage(body, stream), params.pop("n", 1),
                       _flag(body, "echo"), _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True))
     if len(prompts) * req.n > MAX_TEXT_CHOICES:
         raise _bad(f"{len(prompts)} prompts x n={req.n} is more than the {MAX_TEXT_CHOICES} answers one request may ask "
                    "for (they are generated one after another); split the batch", "prompt")
-    if req.echo and req.top_logprobs is not None:
-        raise _bad("'echo' with 'logprobs' would score the prompt, which this server does not do; "
-                   "ask for one of them", "echo", "unsupported")
     return req
 
 
@@ -2127,8 +2128,9 @@ class TokenLogprobs:
         self._logits = np.array(scores, dtype=np.float32)  # a copy: llama.cpp reuses the buffer
         return scores
 
-    def entry(self, token: int) -> dict:
-        logits = self._logits
+    def entry(self, token: int, logits: np.ndarray | None = None) -> dict:
+        """`token`'s entry from these logits (by default the step's the processor saw)."""
+        logits = self._logits if logits is None else logits
         assert logits is not None, "a token was sampled before the logits were seen"
         peak = float(logits.max())
         log_total = peak + math.log(float(np.exp(logits - peak).sum()))
@@ -2185,6 +2187,46 @@ class ServedLlama(llama_cpp.Llama):
         completion = self.sampled_tokens - int(bool(eog))
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
+
+
+def prompt_token_ids(llm: llama_cpp.Llama, prompt: str | list[int]) -> list[int]:
+    """The tokens _create_completion evaluates for a prompt (no suffix): BOS (or CLS) when the model
+    adds one to text, the text with special tokens, EOS (or SEP) when the model adds one."""
+    if isinstance(prompt, list):
+        return list(prompt)
+    model = llm._model  # private: the pinned version's LlamaModel, for add_bos/eos and CLS/SEP ids
+    first = model.token_cls() if model.token_cls() != -1 else llm.token_bos()
+    last = model.token_sep() if model.token_sep() != -1 else llm.token_eos()
+    tokens = [first] if model.add_bos_token() and first != -1 else []
+    tokens += llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+    if model.add_eos_token() or model.token_sep() != -1:
+        tokens.append(last)
+    return tokens
+
+
+def prompt_logprobs(llm: ServedLlama, tokens: list[int], scorer: TokenLogprobs) -> list[dict]:
+    """Each prompt token's logprob given the tokens before it (the first has none): the prompt
+    evaluated in batches with logits for every position. Leaves the context empty, so the answer
+    that may follow evaluates the prompt again (the Llama's own eval keeps only the last logits).
+    private: the Llama's context (_ctx) is the only way to its per-position logits."""
+    first = scorer.entry(tokens[0], np.zeros(llm.n_vocab(), dtype=np.float32))
+    entries = [{**first, "logprob": None, "top_logprobs": None}]
+    batch = llama_internals.LlamaBatch(n_tokens=llm.n_batch, embd=0, n_seq_max=1)
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    try:
+        for start in range(0, len(tokens) - 1, llm.n_batch):
+            chunk = tokens[start:start + llm.n_batch]
+            batch.set_batch(chunk, start, logits_all=True)
+            llm._ctx.decode(batch)
+            for i in range(min(len(chunk), len(tokens) - 1 - start)):
+                row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(llm.n_vocab(),))
+                entries.append(scorer.entry(tokens[start + i + 1], row))
+    finally:
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+        batch.close()
+    return entries
 
 
 class _ServedHandlerMixin:
@@ -2523,7 +2565,12 @@ class Job:
     top_logprobs: int | None = None  # logprobs with this many alternatives; None: none
     text: bool = False  # a raw prompt (/v1/completions): no chat template
     prompts: list = field(default_factory=list)  # a text job's prompts: choice i answers prompts[i * len // choices]
+    score_prompt: bool = False  # echo with logprobs: each prompt's own logprobs come first
     serial: bool = False  # on the served context even with PARALLEL > 1 (images: the vision handler evaluates them there)
+
+
+def _one_chunk(chunk: dict) -> Iterator[dict]:
+    yield chunk
 
 
 def text_as_chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
@@ -2573,6 +2620,8 @@ class Generation:
         deadline = time.monotonic() + (job.time_limit or math.inf)
         try:
             for index in range(job.choices):  # n > 1: one after another, each with its own seed
+                if job.score_prompt:
+                    self._ready.append(self._scored_prompt(index))
                 chunks = self._start(index)
                 for chunk in chunks:
                     if self._cancelled.is_set():
@@ -2600,11 +2649,22 @@ class Generation:
             self._ready.append(exc)
         finally:
             if chunks is not None:
-                chunks.close()
+                with contextlib.suppress(Exception):  # whatever happens, the gate must be released below
+                    chunks.close()
             self._llm.logprob_source = None
             self._wake()
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._finished)
+
+    def _scored_prompt(self, index: int) -> dict:
+        """A first chunk for choice `index` that carries its prompt's own logprobs (no text)."""
+        prompt = self._job.prompts[index * len(self._job.prompts) // self._job.choices]
+        tokens = prompt_token_ids(self._llm, prompt)
+        entries = prompt_logprobs(self._llm, tokens, TokenLogprobs(self._llm.tokenizer_.piece, self._job.top_logprobs or 0))
+        return {"id": f"cmpl-{uuid.uuid4()}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self._job.kwargs.get("model"), "choices": [{
+                    "index": index, "delta": {"content": ""}, "logprobs": {"content": entries, "prompt": True},
+                    "finish_reason": None}]}
 
     def _start(self, index: int) -> Iterator[dict]:
         """The raw chunks of choice `index`, as chat chunks whatever the job."""
@@ -2619,6 +2679,11 @@ class Generation:
         if job.top_logprobs is not None:
             llm.logprob_source = TokenLogprobs(llm.tokenizer_.piece, job.top_logprobs)
             kwargs = {**kwargs, "logits_processor": llama_cpp.LogitsProcessorList([llm.logprob_source])}
+        if job.text and kwargs.get("max_tokens") == 0:  # echo only (prompt scoring): nothing to generate
+            llm.prompt_tokens, llm.sampled_tokens, llm.last_token = len(prompt_token_ids(llm, kwargs["prompt"])), 0, -1
+            return _one_chunk({"id": f"cmpl-{uuid.uuid4()}", "object": "chat.completion.chunk",
+                               "created": int(time.time()), "model": kwargs.get("model"), "choices": [
+                                   {"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "length"}]})
         if job.text:
             return text_as_chat_chunks(llm.create_completion(stream=True, **kwargs))
         return llm.create_chat_completion(stream=True, **kwargs)
@@ -2708,21 +2773,6 @@ def as_api_error(exc: BaseException, n_ctx: int) -> APIError:
 # llama.cpp context on the loaded model with N sequences, decoded together in one batch per step.
 # llama-cpp-python keeps one sequence's state on its Llama, so the engine works on its own context,
 # with llama-cpp-python's low-level wrappers (_internals: LlamaContext, LlamaBatch, LlamaSampler).
-
-
-def prompt_token_ids(llm: llama_cpp.Llama, prompt: str | list[int]) -> list[int]:
-    """The tokens _create_completion evaluates for a prompt (no suffix): BOS (or CLS) when the model
-    adds one to text, the text with special tokens, EOS (or SEP) when the model adds one."""
-    if isinstance(prompt, list):
-        return list(prompt)
-    model = llm._model  # private: the pinned version's LlamaModel, for add_bos/eos and CLS/SEP ids
-    first = model.token_cls() if model.token_cls() != -1 else llm.token_bos()
-    last = model.token_sep() if model.token_sep() != -1 else llm.token_eos()
-    tokens = [first] if model.add_bos_token() and first != -1 else []
-    tokens += llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
-    if model.add_eos_token() or model.token_sep() != -1:
-        tokens.append(last)
-    return tokens
 
 
 @dataclass
@@ -3175,11 +3225,14 @@ class TextAPI(ChatAPI):
     def _text_chunk(self, chunk: dict) -> dict:
         choice = chunk["choices"][0]
         index, text = choice["index"], choice["delta"].get("content") or ""
+        scored = (choice.get("logprobs") or {}).get("prompt", False)  # the prompt's own logprobs (echo)
         if index not in self._offsets:
             echo = self._echo(index)
-            text, self._offsets[index] = echo + text, len(echo)
+            text, self._offsets[index] = echo + text, 0 if scored else len(echo)
         entries = (choice.get("logprobs") or {}).get("content") or []
         logprobs, self._offsets[index] = legacy_logprobs(entries, self._offsets[index])
+        if scored:
+            self._offsets[index] = len(self._echo(index))
         return {**self._head, "object": self.object, "choices": [
             {"text": text, "index": index, "logprobs": logprobs if entries else None,
              "finish_reason": choice["finish_reason"]}]}
@@ -3190,8 +3243,9 @@ class TextAPI(ChatAPI):
         for choice in completion["choices"]:
             entries = (choice["logprobs"] or {}).get("content")
             echo = self._echo(choice["index"])
+            scored = bool(entries) and entries[0]["logprob"] is None  # begins with the prompt's own
             choices.append({"text": echo + choice["message"]["content"], "index": choice["index"],
-                            "logprobs": legacy_logprobs(entries, len(echo))[0] if entries else None,
+                            "logprobs": legacy_logprobs(entries, 0 if scored else len(echo))[0] if entries else None,
                             "finish_reason": choice["finish_reason"]})
         return {**completion, "object": self.object, "choices": choices}
 
@@ -3204,7 +3258,8 @@ def legacy_logprobs(entries: list[dict], offset: int) -> tuple[dict, int]:
         offset += len(entry["token"])
     return {"tokens": [entry["token"] for entry in entries],
             "token_logprobs": [entry["logprob"] for entry in entries],
-            "top_logprobs": [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in entries],
+            "top_logprobs": [None if entry["top_logprobs"] is None else
+                             {top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in entries],
             "text_offset": offsets}, offset
 
 
@@ -3723,7 +3778,9 @@ async def completions(request: Request) -> Response:
     kwargs = {"model": state.settings.model_name, **req.params}
     job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), len(prompts) * req.n,
               STREAM_WAKE_INTERVAL if req.stream else math.inf, state.settings.max_generation_seconds,
-              req.top_logprobs, text=True, prompts=prompts)
+              req.top_logprobs, text=True, prompts=prompts,
+              score_prompt=req.echo and req.top_logprobs is not None,
+              serial=req.echo and req.top_logprobs is not None)  # scoring reads the served context's logits
     echoes = None
     if req.echo:
         echoes = [prompt if isinstance(prompt, str) else state.llm.detokenize(prompt).decode("utf-8", "replace")

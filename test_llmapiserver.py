@@ -2123,6 +2123,26 @@ def test_completions_n_choices(client: openai.OpenAI) -> None:
     assert answer.usage.completion_tokens == 15
 
 
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, reference, max_tokens: int) -> None:
+    """What evaluation harnesses ask: each prompt token's logprob given the ones before it."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    answer = client.completions.create(model="x", prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=2,
+                                       **GREEDY)
+    lp = answer.choices[0].logprobs
+    tokens = reference.tokenize(prompt.encode())
+    assert answer.choices[0].text.startswith(prompt) and answer.usage.completion_tokens == max_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first
+    want = direct_logprobs(reference, reference.detokenize(tokens[:1]).decode(), tokens[1:], 2)
+    assert lp.token_logprobs[1:len(tokens)] == pytest.approx([logprob for logprob, _ in want], abs=2e-3)
+    assert len(lp.tokens) == len(tokens) + max_tokens
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    streamed = list(client.completions.create(model="x", prompt=prompt, max_tokens=max_tokens, echo=True,
+                                              logprobs=2, stream=True, **GREEDY))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] \
+        == pytest.approx(lp.token_logprobs)
+
+
 def test_completions_take_a_batch_of_prompts(client: openai.OpenAI) -> None:
     """LangChain's OpenAI class sends several prompts in one request; choice i answers prompt i // n."""
     prompts = ["The sky is", "My favourite food is"]
@@ -2147,9 +2167,9 @@ BAD_COMPLETIONS = [
     pytest.param({"prompt": "x", "best_of": 3}, "best_of", id="best-of"),
     pytest.param({"prompt": "x", "logprobs": 21}, "logprobs", id="logprobs-21"),
     pytest.param({"prompt": "x", "logprobs": True}, "logprobs", id="logprobs-bool"),
-    pytest.param({"prompt": "x", "echo": True, "logprobs": 1}, "echo", id="echo-with-logprobs"),
+    pytest.param({"prompt": "x", "max_tokens": 0}, "max_tokens", id="max-tokens-zero-without-echo"),
     pytest.param({"prompt": "x", "echo": "yes"}, "echo", id="echo-string"),
-    pytest.param({"prompt": "x", "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
+    pytest.param({"prompt": "x", "max_tokens": -1}, "max_tokens", id="max-tokens-negative"),
     pytest.param({"prompt": "x", "temperature": 9}, "temperature", id="temperature"),
     pytest.param({"prompt": "x", "n": 9}, "n", id="n-9"),
     pytest.param({"prompt": "x", "top_logprobs": 2}, "top_logprobs", id="chat-top-logprobs"),
