@@ -171,6 +171,17 @@ def start_replicas(folder: Path, n: int, *extra: str) -> tuple[list[int], list[S
     return ports, [replica(folder, port, f"r{i}", *extra) for i, port in enumerate(ports)]
 
 
+def wait_healthy(base: str, timeout: float = 15) -> None:
+    """Until the proxy at `base` answers /health (a replica behind it does)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing answered {base}/health in {timeout} s")
+
+
 @contextlib.contextmanager
 def nginx(folder: Path, ports: list[int]) -> Iterator[str]:
     if shutil.which("nginx") is None:
@@ -187,15 +198,10 @@ def nginx(folder: Path, ports: list[int]) -> Iterator[str]:
         f"http {{\n access_log off;\n client_body_temp_path {folder};\n proxy_temp_path {folder};\n"
         f" include {folder}/site.conf;\n}}\n")
     proc = subprocess.Popen(["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"],
-                            stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its errors go to error.log
     base = f"http://127.0.0.1:{listen}"
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+        wait_healthy(base)
         yield base
     finally:
         proc.terminate()
@@ -331,12 +337,7 @@ def haproxy(folder: Path, ports: list[int]) -> Iterator[str]:
                             stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{listen}"
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_healthy(base)
         time.sleep(4)  # every replica up in haproxy's eyes (rise 2, inter 2 s)
         yield base
     finally:

@@ -2176,13 +2176,6 @@ BAD_COMPLETIONS = [
 ]
 
 
-@pytest.mark.parametrize("body, param", BAD_COMPLETIONS)
-def test_bad_completion_request_is_400_naming_the_field(http: httpx.Client, body: dict, param: str) -> None:
-    response = http.post("/v1/completions", json=body)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
-
-
 def response_events(http: httpx.Client, body: dict) -> list[dict]:
     with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
         assert response.status_code == 200
@@ -2301,11 +2294,15 @@ BAD_RESPONSES = [
 ]
 
 
-@pytest.mark.parametrize("body, param", BAD_RESPONSES)
-def test_bad_responses_request_is_400_naming_the_field(http: httpx.Client, body: dict, param: str) -> None:
-    response = http.post("/v1/responses", json=body)
+@pytest.mark.parametrize("path, body, param", [
+    pytest.param("/v1/completions", *case.values, id=f"completions-{case.id}") for case in BAD_COMPLETIONS] + [
+    pytest.param("/v1/responses", *case.values, id=f"responses-{case.id}") for case in BAD_RESPONSES])
+def test_bad_completions_or_responses_request_is_400_naming_the_field(http: httpx.Client, path: str, body: dict,
+                                                                       param: str) -> None:
+    response = http.post(path, json=body)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
+    error = response.json()["error"]
+    assert error["param"] == param and set(error) == {"message", "type", "param", "code"}
 
 
 ###############################################################################
