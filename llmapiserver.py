@@ -2816,13 +2816,16 @@ class SlotEngine:
     index with the same sampler chain llama-cpp-python builds. It runs on the llama thread, one
     step per task, so other work on that thread (a vision request) waits a step, not a request."""
 
-    def __init__(self, llm: ServedLlama, n_slots: int, worker: concurrent.futures.Executor) -> None:
+    def __init__(self, llm: ServedLlama, n_slots: int, worker: concurrent.futures.Executor,
+                 unified: bool = False) -> None:
         self.llm, self.worker = llm, worker
         self.n_ctx = llm.n_ctx()  # per slot: N_CTX keeps meaning one request's most tokens
         params = llama_cpp.llama_context_params()
         ctypes.pointer(params)[0] = llm.context_params  # the served context's settings (threads, flash attention)
         params.n_ctx, params.n_seq_max = self.n_ctx * n_slots, n_slots
-        params.kv_unified = False  # each sequence its own n_ctx cells: prompts from different users share no prefix
+        # Each sequence its own n_ctx cells (llama.cpp's advice when sequences share no long prefix;
+        # bench/parallel_kv.py measures the unified cache against it).
+        params.kv_unified = unified
         self.n_batch = params.n_batch
         # private: llama-cpp-python's wrappers own the native context and batch (freed with the model)
         self.ctx = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
