@@ -499,6 +499,8 @@ class TextRequest:
 
 #: OpenAI's default max_tokens for /v1/completions (chat has none).
 TEXT_MAX_TOKENS = 16
+#: /v1/completions answers (prompts x n) one request may ask for: each is generated in turn.
+MAX_TEXT_CHOICES = 32
 
 
 def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequest:
@@ -525,10 +527,6 @@ def validate_completion_request(body: Any, n_vocab: int = INT32_MAX) -> TextRequ
         raise _bad(f"{len(prompts)} prompts x n={req.n} is more than the {MAX_TEXT_CHOICES} answers one request may ask "
                    "for (they are generated one after another); split the batch", "prompt")
     return req
-
-
-#: /v1/completions answers (prompts x n) one request may ask for: each is generated in turn.
-MAX_TEXT_CHOICES = 32
 
 
 def _validate_prompts(prompt: Any, n_vocab: int) -> list[str | list[int]]:
@@ -1315,19 +1313,25 @@ class BoundedSchemaConverter(llama_grammar.SchemaConverter):
     honours integer ones)."""
 
     def visit(self, schema: dict, name: str) -> str:
+        rule = self._own_rule(schema, name or "the top level")
+        if rule is None:
+            return super().visit(schema, name)
+        # As the stock visit names a rule (a schema named like a built-in rule gets a "-").
+        return self._add_rule(name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root", rule)
+
+    @staticmethod
+    def _own_rule(schema: dict, where: str) -> str | None:
+        """The rule for a bounded number or one of FORMAT_GRAMMARS' strings; None for the rest (and
+        for those under enum, const, $ref or a union, which decide before them)."""
+        if any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
+            return None
         kind = schema.get("type")
-        if kind in ("integer", "number") and any(key in schema for key in NUMERIC_BOUNDS) \
-                and not any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
-            low, high, low_open, high_open = numeric_bounds(schema, name or "the top level")
-            rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
-            rule = integer_range(low, high) if kind == "integer" else number_range(low, high, low_open, high_open)
-            return self._add_rule(rule_name, rule)
-        if kind in (None, "string") and schema.get("format") in FORMAT_GRAMMARS and "pattern" not in schema \
-                and not any(key in schema for key in ("enum", "const", "$ref", "anyOf", "oneOf")):
-            rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
-            return self._add_rule(rule_name, format_grammar(schema["format"], schema.get("minLength"),
-                                                            schema.get("maxLength"), name or "the top level"))
-        return super().visit(schema, name)
+        if kind in ("integer", "number") and any(key in schema for key in NUMERIC_BOUNDS):
+            low, high, low_open, high_open = numeric_bounds(schema, where)
+            return integer_range(low, high) if kind == "integer" else number_range(low, high, low_open, high_open)
+        if kind in (None, "string") and schema.get("format") in FORMAT_GRAMMARS and "pattern" not in schema:
+            return format_grammar(schema["format"], schema.get("minLength"), schema.get("maxLength"), where)
+        return None
 
 
 _converter_lock = threading.Lock()
@@ -2136,34 +2140,54 @@ class TokenLogprobs:
         log_total = peak + math.log(float(np.exp(logits - peak).sum()))
         top = np.argpartition(-logits, self.top)[:self.top] if self.top else np.array([], dtype=int)
         top = top[np.argsort(-logits[top], kind="stable")]
-        return {**self._token(token, logits[token] - log_total),
-                "top_logprobs": [self._token(int(t), logits[t] - log_total) for t in top]}
+        return {**self.token(token), "logprob": float(logits[token] - log_total),
+                "top_logprobs": [{**self.token(int(t)), "logprob": float(logits[t] - log_total)} for t in top]}
 
-    def _token(self, token: int, logprob: float) -> dict:
+    def token(self, token: int) -> dict:
+        """A token's text and bytes, as an entry names it."""
         piece = self._piece(token)
-        return {"token": piece.decode("utf-8", "replace"), "logprob": float(logprob), "bytes": list(piece)}
+        return {"token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
 
 
-class ServedLlama(llama_cpp.Llama):
-    """A Llama that counts its last generation's tokens (the chat stream carries no usage), and
-    notes each token's logprobs when asked."""
+class GenerationCounts:
+    """What a generation reports besides its chunks (the chat stream carries no usage): its token
+    counts and the logprobs entries not yet taken. The served Llama keeps them for the serial path,
+    a SlotLlama for one request on a slot."""
 
-    template = TemplateInfo("generic", False)  # set by load_model
     prompt_tokens = 0
-    sampled_tokens = 0
-    last_token = -1
+    sampled_tokens = 0  # the end-of-generation token included, when one was sampled
     #: The next generation's max_tokens. llama-cpp-python skips its length check while a character's
     #: bytes are incomplete (max_tokens 8 gave 9 tokens of CJK text); here generation ends at the
     #: limit, or at the end of the context, whatever the bytes.
     token_budget: int | None = None
+    #: Set for a generation that reports logprobs (it is in the logits processors too); the entries
+    #: of the tokens sampled and not yet taken by the worker wait in `logprobs`.
+    logprob_source: TokenLogprobs | None = None
+    logprobs: list[dict] = []  # never added to here: a generation's entries go to a list of its own
+
+    def ended_with_eog(self) -> bool:
+        raise NotImplementedError
+
+    def take_logprobs(self) -> list[dict]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
+
+    def usage(self) -> dict[str, int]:
+        # The end-of-generation token is sampled but is not part of the completion.
+        completion = self.sampled_tokens - int(self.ended_with_eog())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+class ServedLlama(GenerationCounts, llama_cpp.Llama):
+    """A Llama that counts its last generation's tokens and notes each token's logprobs when asked."""
+
+    template = TemplateInfo("generic", False)  # set by load_model
+    last_token = -1
     load_seconds = 0.0
     #: The template as a plain chat handler (None: llama-cpp-python's default format). A vision
     #: model's text-only requests use it on parallel slots: its vision handler evaluates prompts itself.
     text_handler: Any = None
-    #: Set for a generation that reports logprobs (it is in the logits processors too); the entries
-    #: of the tokens sampled and not yet taken by the worker wait in `logprobs`.
-    logprob_source: TokenLogprobs | None = None
-    logprobs: list[dict] = []
 
     def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
         self.prompt_tokens, self.sampled_tokens, self.logprobs = len(tokens), 0, []
@@ -2177,16 +2201,8 @@ class ServedLlama(llama_cpp.Llama):
             if self.sampled_tokens >= budget:
                 return
 
-    def take_logprobs(self) -> list[dict]:
-        taken, self.logprobs = self.logprobs, []
-        return taken
-
-    def usage(self) -> dict[str, int]:
-        # The end-of-generation token is sampled but is not part of the completion.
-        eog = self.sampled_tokens > 0 and llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token)
-        completion = self.sampled_tokens - int(bool(eog))
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+    def ended_with_eog(self) -> bool:
+        return self.sampled_tokens > 0 and bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token))
 
 
 def prompt_token_ids(llm: llama_cpp.Llama, prompt: str | list[int]) -> list[int]:
@@ -2209,8 +2225,7 @@ def prompt_logprobs(llm: ServedLlama, tokens: list[int], scorer: TokenLogprobs) 
     evaluated in batches with logits for every position. Leaves the context empty, so the answer
     that may follow evaluates the prompt again (the Llama's own eval keeps only the last logits).
     private: the Llama's context (_ctx) is the only way to its per-position logits."""
-    first = scorer.entry(tokens[0], np.zeros(llm.n_vocab(), dtype=np.float32))
-    entries = [{**first, "logprob": None, "top_logprobs": None}]
+    entries = [{**scorer.token(tokens[0]), "logprob": None, "top_logprobs": None}]
     batch = llama_internals.LlamaBatch(n_tokens=llm.n_batch, embd=0, n_seq_max=1)
     llm.reset()
     llm._ctx.kv_cache_clear()
@@ -2564,9 +2579,25 @@ class Job:
     time_limit: float = 0.0  # MAX_GENERATION_SECONDS; 0: none
     top_logprobs: int | None = None  # logprobs with this many alternatives; None: none
     text: bool = False  # a raw prompt (/v1/completions): no chat template
-    prompts: list = field(default_factory=list)  # a text job's prompts: choice i answers prompts[i * len // choices]
+    prompts: list = field(default_factory=list)  # a text job's prompts, each answered choices / len(prompts) times
     score_prompt: bool = False  # echo with logprobs: each prompt's own logprobs come first
     serial: bool = False  # on the served context even with PARALLEL > 1 (images: the vision handler evaluates them there)
+
+    def prompt(self, index: int) -> str | list[int]:
+        """The prompt choice `index` answers (a text job)."""
+        return self.prompts[index * len(self.prompts) // self.choices]
+
+    def opens_prompt(self, index: int) -> bool:
+        """Whether choice `index` is a batched prompt's first: its prompt tokens count in usage."""
+        return bool(self.prompts) and index * len(self.prompts) % self.choices == 0
+
+
+def chat_chunk(model: str | None, content: str, finish: str | None = None, *, index: int = 0,
+               logprobs: dict | None = None, head: dict | None = None) -> dict:
+    """A chat chunk of `content` (the one shape after generation); `head` keeps a stream's id and time."""
+    head = head or {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time())}
+    return {"id": head["id"], "object": "chat.completion.chunk", "created": head["created"], "model": model,
+            "choices": [{"index": index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def _one_chunk(chunk: dict) -> Iterator[dict]:
@@ -2574,13 +2605,11 @@ def _one_chunk(chunk: dict) -> Iterator[dict]:
 
 
 def text_as_chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
-    """create_completion's text_completion chunks as chat chunks, the one shape after generation."""
+    """create_completion's text_completion chunks as chat chunks."""
     try:
         for chunk in chunks:
             choice = chunk["choices"][0]
-            yield {"id": chunk["id"], "object": "chat.completion.chunk", "created": chunk["created"],
-                   "model": chunk["model"], "choices": [{"index": 0, "delta": {"content": choice["text"]},
-                                                         "logprobs": None, "finish_reason": choice["finish_reason"]}]}
+            yield chat_chunk(chunk["model"], choice["text"], choice["finish_reason"], head=chunk)
     finally:
         chunks.close()  # type: ignore[attr-defined]
 
@@ -2640,8 +2669,7 @@ class Generation:
                         if chunk["choices"][0]["delta"].get("content"):  # the first token goes out at once
                             next_wake = now + job.wake_interval
                 chunks.close()
-                new_prompt = bool(job.prompts) and index * len(job.prompts) % job.choices == 0
-                self.stats.usage = _add_usage(self.stats.usage, self._llm.usage(), new_prompt)
+                self.stats.usage = _add_usage(self.stats.usage, self._llm.usage(), job.opens_prompt(index))
                 if self._cancelled.is_set():
                     break
             self._ready.append(_END)
@@ -2658,20 +2686,17 @@ class Generation:
 
     def _scored_prompt(self, index: int) -> dict:
         """A first chunk for choice `index` that carries its prompt's own logprobs (no text)."""
-        prompt = self._job.prompts[index * len(self._job.prompts) // self._job.choices]
-        tokens = prompt_token_ids(self._llm, prompt)
-        entries = prompt_logprobs(self._llm, tokens, TokenLogprobs(self._llm.tokenizer_.piece, self._job.top_logprobs or 0))
-        return {"id": f"cmpl-{uuid.uuid4()}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self._job.kwargs.get("model"), "choices": [{
-                    "index": index, "delta": {"content": ""}, "logprobs": {"content": entries, "prompt": True},
-                    "finish_reason": None}]}
+        job, llm = self._job, self._llm
+        tokens = prompt_token_ids(llm, job.prompt(index))
+        entries = prompt_logprobs(llm, tokens, TokenLogprobs(llm.tokenizer_.piece, job.top_logprobs or 0))
+        return chat_chunk(job.kwargs.get("model"), "", index=index, logprobs={"content": entries, "prompt": True})
 
     def _start(self, index: int) -> Iterator[dict]:
         """The raw chunks of choice `index`, as chat chunks whatever the job."""
         job, llm = self._job, self._llm
         kwargs = job.kwargs
         if job.prompts:
-            kwargs = {**kwargs, "prompt": job.prompts[index * len(job.prompts) // job.choices]}
+            kwargs = {**kwargs, "prompt": job.prompt(index)}
         if index and kwargs.get("seed") is not None:
             kwargs = {**kwargs, "seed": (kwargs["seed"] + index) & 0xFFFFFFFF}
         llm.token_budget = kwargs.get("max_tokens")
@@ -2681,9 +2706,7 @@ class Generation:
             kwargs = {**kwargs, "logits_processor": llama_cpp.LogitsProcessorList([llm.logprob_source])}
         if job.text and kwargs.get("max_tokens") == 0:  # echo only (prompt scoring): nothing to generate
             llm.prompt_tokens, llm.sampled_tokens, llm.last_token = len(prompt_token_ids(llm, kwargs["prompt"])), 0, -1
-            return _one_chunk({"id": f"cmpl-{uuid.uuid4()}", "object": "chat.completion.chunk",
-                               "created": int(time.time()), "model": kwargs.get("model"), "choices": [
-                                   {"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "length"}]})
+            return _one_chunk(chat_chunk(kwargs.get("model"), "", "length"))
         if job.text:
             return text_as_chat_chunks(llm.create_completion(stream=True, **kwargs))
         return llm.create_chat_completion(stream=True, **kwargs)
@@ -2888,8 +2911,8 @@ class SlotEngine:
             if job.cancelled.is_set():
                 job.out.put(None)
                 continue
-            slot = max(free, key=lambda s: _common_prefix(s.cached, job.tokens))
-            keep = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # the last is evaluated again
+            shared, slot = max(((_common_prefix(s.cached, job.tokens), s) for s in free), key=lambda pair: pair[0])
+            keep = min(shared, len(job.tokens) - 1)  # the last prompt token is evaluated again: its logits
             self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
             slot.cached, slot.todo, slot.job = job.tokens[:keep], job.tokens[keep:], job
             self.llm._seed = job.seed  # private: _init_sampler seeds its dist sampler from it
@@ -2947,7 +2970,7 @@ class SlotEngine:
         job.completion += self.llm.tokenizer_.text_piece(token)
         slot.last = token
         if self._send(job):  # a stop string was found
-            self._finish(slot, "stop", stopped=True)
+            self._finish(slot, "stop")
         elif job.sampled >= job.max_tokens:  # the budget also ends the answer at the end of the slot's context
             self._finish(slot, "length")
 
@@ -2972,7 +2995,7 @@ class SlotEngine:
             job.sent = end
         return False
 
-    def _finish(self, slot: Slot, reason: str, stopped: bool = False) -> None:
+    def _finish(self, slot: Slot, reason: str) -> None:
         job = slot.job
         assert job is not None
         rest = job.completion[job.sent:].decode("utf-8", "replace")
@@ -3081,7 +3104,7 @@ def _bias_processor(bias: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray
     return apply
 
 
-class SlotLlama:
+class SlotLlama(GenerationCounts):
     """What one request's Generation sees with PARALLEL > 1: the served Llama for everything (its
     chat handler renders the template and calls create_completion on this object), except that
     create_completion runs on a slot, and the token counts and logprobs are this request's own."""
@@ -3089,11 +3112,8 @@ class SlotLlama:
     def __init__(self, llm: ServedLlama, engine: SlotEngine) -> None:
         self._llm, self._engine = llm, engine
         self.chat_handler = llm.text_handler  # never a vision handler: those evaluate on the served context
-        self.prompt_tokens = self.sampled_tokens = 0
         self.eog = False
-        self.token_budget: int | None = None
-        self.logprob_source: TokenLogprobs | None = None
-        self.logprobs: list[dict] = []
+        self.logprobs = []  # its own list: the engine's entries are added to it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -3105,14 +3125,8 @@ class SlotLlama:
         assert stream, "the server always streams"
         return self._engine.completion(self, prompt, **kwargs)
 
-    def take_logprobs(self) -> list[dict]:
-        taken, self.logprobs = self.logprobs, []
-        return taken
-
-    def usage(self) -> dict[str, int]:
-        completion = self.sampled_tokens - int(self.eog)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+    def ended_with_eog(self) -> bool:
+        return self.eog
 
 
 ###############################################################################
@@ -3196,8 +3210,10 @@ class ChatAPI:
         self._head = self._head or {key: chunks[0].get(key) for key in ("id", "created", "model", "system_fingerprint")}
 
     def closing(self, usage: dict | None) -> list[bytes | dict]:
-        usage_chunk = [_sse({**self._head, "object": self.object, "choices": [], "usage": usage})]
-        return (usage_chunk if self.include_usage else []) + [{"data": "[DONE]"}]
+        frames: list[bytes | dict] = []
+        if self.include_usage:
+            frames.append(_sse({**self._head, "object": self.object, "choices": [], "usage": usage}))
+        return frames + [{"data": "[DONE]"}]
 
     def error(self, exc: APIError) -> bytes:
         return _sse(exc.to_dict())
@@ -3732,8 +3748,7 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
-                              undo: Callable[[Any], None] | None = None) -> Any:
+async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task) -> Any:
     """Await `awaitable`, or raise ClientDisconnected if the client leaves first."""
     task = asyncio.ensure_future(awaitable)
     await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
@@ -3741,9 +3756,7 @@ async def unless_disconnected(awaitable: Awaitable, disconnected: asyncio.Task,
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        result = await task
-        if undo is not None:  # it finished as we cancelled it: hand back what it got
-            undo(result)
+        await task
     raise ClientDisconnected
 
 

@@ -2578,13 +2578,8 @@ def streamed(proc: ServerProcess, **body) -> tuple[str, str, dict, list[str]]:
     return "".join(pieces), finish, chunks[-1]["usage"], pieces
 
 
-PARALLEL_CASES = [
-    pytest.param("Name three colours.", {"max_tokens": 24}, id="plain"),
-    pytest.param("Tell me a long story about a dragon.", {"max_tokens": 40, "stop": [" the dragon", "castle"]},
-                 id="stop-across-tokens"),
-    pytest.param("Write five emojis.", {"max_tokens": 30}, id="emoji-split-bytes"),
-    pytest.param("Translate 'good morning' into Chinese, Japanese and Russian.", {"max_tokens": 30}, id="cjk"),
-    pytest.param("Hi", {"max_tokens": 200}, id="natural-stop"),
+#: SAME_AS_LLAMA's prompts (stop strings across tokens, split UTF-8, a natural stop) and more.
+PARALLEL_CASES = SAME_AS_LLAMA + [
     pytest.param("Name a fruit.", {"max_tokens": 6, "logprobs": True, "top_logprobs": 3}, id="logprobs"),
     pytest.param("Invent a person.", {"max_tokens": 60, "response_format": schema_format(
         {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
