@@ -790,6 +790,36 @@ def test_default_threads_are_physical_cores(cpuinfo: str, allowed: set[int], cor
     assert las.physical_cores(cpuinfo, allowed) == cores
 
 
+SLOT_FLASH_ATTN_DECISIONS = [
+    # setting, GPU build, N_GPU_LAYERS, timed (seconds a step without, with), flash attention on
+    pytest.param("auto", True, -1, None, True, id="gpu-on-untimed"),
+    pytest.param("on", False, 0, None, True, id="on-wins"),
+    pytest.param("off", True, -1, None, False, id="off-wins"),
+    pytest.param("auto", False, -1, (0.040, 0.034), True, id="cpu-faster-with"),
+    pytest.param("auto", True, 0, (0.040, 0.034), True, id="layers-on-cpu-faster-with"),
+    pytest.param("auto", False, -1, (0.040, 0.039), False, id="cpu-close-is-off"),
+    pytest.param("auto", False, -1, (0.030, 0.045), False, id="cpu-slower-with"),
+]
+
+
+@pytest.mark.parametrize("setting, gpu_build, layers, timed, on", SLOT_FLASH_ATTN_DECISIONS)
+def test_slot_flash_attn_auto_on_a_cpu_follows_a_timed_batched_step(setting: str, gpu_build: bool, layers: int,
+                                                                    timed: tuple | None, on: bool) -> None:
+    def measure() -> tuple[float, float]:
+        assert timed is not None, "timed only where auto meets a CPU"
+        return timed
+
+    chosen, why = las.choose_slot_flash_attn(setting, gpu_build, layers, measure)
+    assert chosen is on
+    if timed:
+        assert why == f"auto on a CPU: a batched step took {timed[1] * 1000:.1f} ms with it, {timed[0] * 1000:.1f} ms without"
+
+
+def test_batched_decode_is_timed_with_and_without_flash_attention(reference) -> None:
+    without, with_ = las.time_batched_decode(reference, n_seq=2, rounds=1, steps=2)
+    assert 0 < without < 5 and 0 < with_ < 5
+
+
 def test_startup_log_says_which_flash_attention_and_why(vl_server: ServerProcess, server: ServerProcess) -> None:
     import llama_cpp
 
@@ -2667,6 +2697,10 @@ def test_parallel_queue_full_is_429(model_path: str, tmp_path: Path) -> None:
         for thread, out in runs:
             thread.join(60)
             assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 200
+    import llama_cpp  # the slots' flash attention (FLASH_ATTN=auto here) is in the startup log, with why
+
+    why = "auto on a CPU: a batched step took" if not llama_cpp.llama_supports_gpu_offload() else "auto: the layers"
+    assert re.search(r"2 slots of 512 tokens each .*; slot flash attention (on|off) \(" + re.escape(why), proc.log())
 
 
 def test_parallel_shutdown_lets_running_streams_finish(model_path: str, tmp_path: Path) -> None:
