@@ -820,6 +820,18 @@ def test_batched_decode_is_timed_with_and_without_flash_attention(reference) -> 
     assert 0 < without < 5 and 0 < with_ < 5
 
 
+def test_the_first_stream_finds_anyio_loaded_at_startup() -> None:
+    """anyio imports its asyncio backend on first use: without this the first stream waited for it."""
+    code = ("import asyncio, sys, llmapiserver\n"
+            "before = 'anyio._backends._asyncio' in sys.modules\n"
+            "async def startup():\n    llmapiserver.load_stream_machinery()\n"
+            "asyncio.run(startup())\n"
+            "print(before, 'anyio._backends._asyncio' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent)
+    assert result.stdout.split() == ["False", "True"], result.stderr
+
+
 def test_startup_log_says_which_flash_attention_and_why(vl_server: ServerProcess, server: ServerProcess) -> None:
     import llama_cpp
 

@@ -210,7 +210,7 @@ def single_stream(args, llm, default_llm, settings, bias, urls) -> None:
                 k: [] for k in ("loop", "loop-default", "inprocess", "floor", "server", "server-json",
                                 "llama-server", "llama-server-default")}
             run_json(client, urls["server"], 8, bias)  # warm every server
-            for name in ("floor", "llama-server", "llama-server-default"):
+            for name in ("server", "floor", "llama-server", "llama-server-default"):
                 if name in urls:
                     run_stream(client, urls[name], 8, bias)
             for _ in range(args.rounds):
