@@ -2845,10 +2845,10 @@ class SlotEngine:
                  unified: bool = False, flash_attn: bool | None = None) -> None:
         self.llm, self.worker = llm, worker
         self.n_ctx = llm.n_ctx()  # per slot: N_CTX keeps meaning one request's most tokens
-        self.n_batch = llm.context_params.n_batch
         self.ctx = slot_context(llm, n_slots, self.n_ctx * n_slots, flash_attn, unified)
+        self.n_batch = self.ctx.params.n_batch  # at least a token for every slot
         # private: llama-cpp-python's wrapper owns the native batch (freed with it)
-        self.batch = llama_internals.LlamaBatch(n_tokens=max(self.n_batch, n_slots), embd=0, n_seq_max=1)
+        self.batch = llama_internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self.slots = [Slot(seq) for seq in range(n_slots)]
         self._pending: collections.deque[SlotJob] = collections.deque()
         self._lock = threading.Lock()
@@ -3059,6 +3059,9 @@ def slot_context(llm: ServedLlama, n_seq: int, n_ctx: int, flash_attn: bool | No
     params = llama_cpp.llama_context_params()
     ctypes.pointer(params)[0] = llm.context_params
     params.n_ctx, params.n_seq_max = n_ctx, n_seq
+    # A step holds a token (with logits) for every sequence: llama.cpp aborts on more outputs than
+    # the batch (N_BATCH=2 with PARALLEL=4 did).
+    params.n_batch, params.n_ubatch = max(params.n_batch, n_seq), max(params.n_ubatch, n_seq)
     # Each sequence its own n_ctx / n_seq cells (llama.cpp's advice when sequences share no long
     # prefix; bench/parallel_kv.py measures the unified cache against it).
     params.kv_unified = unified
@@ -3074,26 +3077,24 @@ def time_batched_decode(llm: ServedLlama, n_seq: int, rounds: int = 3, steps: in
     and with flash attention: medians of interleaved rounds on two small throwaway contexts.
     On the llama thread, like the engine (llama.cpp's thread pool belongs to the calling thread)."""
     text = llm.tokenize(b"The lighthouse keeper climbed the stairs at dusk and lit the lamp.", add_bos=False)
-    prompt = (text * 16)[:16]
     contexts = [slot_context(llm, n_seq, n_seq * 256, flash) for flash in (False, True)]
-    batch = llama_internals.LlamaBatch(n_tokens=len(prompt) * n_seq, embd=0, n_seq_max=1)  # private: as the engine's
+    batch = llama_internals.LlamaBatch(n_tokens=n_seq, embd=0, n_seq_max=1)  # private: as the engine's
     times: tuple[list[float], list[float]] = ([], [])
+
+    def step(ctx: Any, pos: int) -> None:
+        for seq in range(n_seq):
+            SlotEngine._add(batch.batch, seq, text[(pos + seq) % len(text)], pos, seq, True)
+        batch.batch.n_tokens = n_seq
+        ctx.decode(batch)
+
     try:
-        for ctx in contexts:  # the prompts (and the compute buffers' first allocation) first, untimed
-            for seq in range(n_seq):
-                for pos, token in enumerate(prompt):
-                    SlotEngine._add(batch.batch, seq * len(prompt) + pos, token, pos, seq, pos == len(prompt) - 1)
-            batch.batch.n_tokens = len(prompt) * n_seq
-            ctx.decode(batch)
+        for ctx in contexts:
+            step(ctx, 0)  # untimed: llama.cpp allocates its compute buffers at the first decode
         for round_ in range(rounds):
             for ctx, spent in zip(contexts, times):
                 started = time.perf_counter()
-                for step in range(steps):
-                    pos = len(prompt) + round_ * steps + step
-                    for seq in range(n_seq):
-                        SlotEngine._add(batch.batch, seq, prompt[(pos + seq) % len(prompt)], pos, seq, True)
-                    batch.batch.n_tokens = n_seq
-                    ctx.decode(batch)
+                for pos in range(1 + round_ * steps, 1 + (round_ + 1) * steps):
+                    step(ctx, pos)
                 spent.append((time.perf_counter() - started) / steps)
     finally:
         batch.close()
@@ -3860,11 +3861,11 @@ async def completions(request: Request) -> Response:
     req = validate_completion_request(body, state.n_vocab)
     prompts = [start_prompt(state.llm, prompt) for prompt in req.prompts]
     kwargs = {"model": state.settings.model_name, **req.params}
+    scoring = req.echo and req.top_logprobs is not None  # the prompt's own logprobs come first
     job = Job(kwargs, ChatOutput(None, fingerprint=state.fingerprint), len(prompts) * req.n,
               STREAM_WAKE_INTERVAL if req.stream else math.inf, state.settings.max_generation_seconds,
-              req.top_logprobs, text=True, prompts=prompts,
-              score_prompt=req.echo and req.top_logprobs is not None,
-              serial=req.echo and req.top_logprobs is not None)  # scoring reads the served context's logits
+              req.top_logprobs, text=True, prompts=prompts, score_prompt=scoring,
+              serial=scoring)  # scoring reads the served context's logits
     echoes = None
     if req.echo:
         echoes = [prompt if isinstance(prompt, str) else state.llm.detokenize(prompt).decode("utf-8", "replace")

@@ -2715,6 +2715,19 @@ def test_parallel_queue_full_is_429(model_path: str, tmp_path: Path) -> None:
     assert re.search(r"2 slots of 512 tokens each .*; slot flash attention (on|off) \(" + re.escape(why), proc.log())
 
 
+def test_slots_take_a_token_each_even_past_n_batch(model_path: str, tmp_path: Path) -> None:
+    """A step holds a token for every slot: N_BATCH=2 with PARALLEL=4 once aborted inside llama.cpp."""
+    with running_server(tmp_path, ["--parallel", "4", "--n-batch", "2", "--n-ctx", "512"]) as proc:
+        body = {"messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 20,
+                "logit_bias": NO_EOS, **GREEDY}
+        runs = [in_thread(httpx.post, proc.base_url + "/v1/chat/completions", json=body, timeout=60)
+                for _ in range(4)]
+        for thread, out in runs:
+            thread.join(60)
+            assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 20
+        assert proc.process.poll() is None
+
+
 def test_parallel_shutdown_lets_running_streams_finish(model_path: str, tmp_path: Path) -> None:
     proc = ServerProcess(["--parallel", "2", "--shutdown-grace", "20", "--n-ctx", "512"], {},
                          tmp_path / "server.log").start()
